@@ -1,0 +1,1 @@
+"""jaxgrounding: temporal video grounding with video LLMs in JAX."""

@@ -1,0 +1,236 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Every parameter carries `logical_axes` metadata (names such as "embed", "heads", "mlp"); the one
+rules table in `jaxgrounding.parallel` turns those names into mesh shardings. Numerics follow
+transformers' Qwen2-VL / Qwen2.5-VL modules: norms and softmax statistics in float32, everything
+else in the configured compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+# Added to attention logits where a key must not be seen. Finite, so that a query row with no
+# visible key (a padding row) gives a uniform distribution rather than NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def _normal_init(rngs: nnx.Rngs, shape, dtype, stddev: float = 0.02):
+    return stddev * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), with a kernel of shape [in_features, *out_shape].
+
+    Keeping the output split (e.g. [embed, heads, head_dim]) lets each axis carry its own
+    logical name, so attention heads shard over the tensor axis without reshapes in the model.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_shape: int | Sequence[int],
+        *,
+        axes: Sequence[str | None],
+        use_bias: bool,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+    ):
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        if len(axes) != 1 + len(out_shape):
+            raise ValueError(f"axes {axes} do not match kernel rank {1 + len(out_shape)}")
+        self.out_shape = out_shape
+        self.compute_dtype = compute_dtype
+        self.kernel = nnx.Param(
+            _normal_init(rngs, (in_features, *out_shape), param_dtype), logical_axes=tuple(axes)
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros(out_shape, param_dtype), logical_axes=tuple(axes[1:])) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        y = jnp.dot(x.astype(self.compute_dtype), kernel.reshape(kernel.shape[0], -1))
+        y = y.reshape(*x.shape[:-1], *self.out_shape)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class OutLinear(nnx.Module):
+    """y = x @ kernel over several trailing input axes (e.g. [heads, head_dim] -> embed)."""
+
+    def __init__(self, in_shape: Sequence[int], out_features: int, *, axes, use_bias: bool,
+                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+        self.in_shape = tuple(in_shape)
+        self.compute_dtype = compute_dtype
+        self.kernel = nnx.Param(
+            _normal_init(rngs, (*self.in_shape, out_features), param_dtype), logical_axes=tuple(axes)
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[-1],)) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        flat = x.reshape(*x.shape[:-n_in], math.prod(self.in_shape)).astype(self.compute_dtype)
+        y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """weight * x / rms(x), statistics in float32, cast back before the weight (as transformers does)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with bias (Qwen2-VL's vision tower), statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): the text decoder's MLP and Qwen2.5-VL's vision MLP."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, axes: tuple[str, str],
+                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+        embed, mlp = axes
+        kw = dict(use_bias=use_bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.act = activation(act)
+        self.gate_proj = Linear(dim, hidden, axes=(embed, mlp), **kw)
+        self.up_proj = Linear(dim, hidden, axes=(embed, mlp), **kw)
+        self.down_proj = Linear(hidden, dim, axes=(mlp, embed), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PlainMLP(nnx.Module):
+    """fc2(act(fc1(x))): Qwen2-VL's vision MLP."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, axes: tuple[str, str], param_dtype,
+                 compute_dtype, rngs: nnx.Rngs):
+        embed, mlp = axes
+        kw = dict(use_bias=True, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.act = activation(act)
+        self.fc1 = Linear(dim, hidden, axes=(embed, mlp), **kw)
+        self.fc2 = Linear(hidden, dim, axes=(mlp, embed), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [..., T, heads, D]; cos, sin: [..., T, D] (broadcast over heads)."""
+    cos = cos[..., None, :]
+    sin = sin[..., None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def inverse_frequencies(dim: int, theta: float) -> jax.Array:
+    """theta^(-2i/dim) for i < dim/2, in float32 like transformers."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def mrope_cos_sin(positions_3bt: jax.Array, head_dim: int, theta: float,
+                  mrope_section: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+    """Multimodal RoPE (Qwen2-VL sec. 2.1): frequency band i of the head takes its angle from the
+    temporal, height or width position stream according to `mrope_section`.
+
+    positions_3bt: [3, B, T] integer positions. Returns cos, sin: [B, T, head_dim].
+    """
+    inv_freq = inverse_frequencies(head_dim, theta)  # [D/2]
+    stream_of_band = jnp.asarray(
+        sum(([i % 3] * n for i, n in enumerate(mrope_section)), []), dtype=jnp.int32
+    )  # [D/2]: which of t/h/w drives each frequency band
+    freqs = positions_3bt.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, D/2]
+    picked = jnp.take_along_axis(freqs, stream_of_band[None, None, None, :], axis=0)[0]
+    # transformers selects per band with `freq.split(section)[i][i % 3]`, equal to this gather.
+    angles = jnp.concatenate([picked, picked], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def vision_cos_sin(positions_n2: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2D rotary of the vision tower: half the bands follow the patch row, half the column.
+
+    positions_n2: [N, 2] (row, col). Returns cos, sin: [N, head_dim] in float32.
+    """
+    inv_freq = inverse_frequencies(head_dim // 2, theta)  # [D/4]
+    freqs = positions_n2.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, D/4]
+    angles = freqs.reshape(freqs.shape[0], -1)  # [N, D/2]: rows then columns
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Grouped-query attention with a boolean visibility mask.
+
+    q: [B, T, H, D]; k, v: [B, S, Kh, D] with H a multiple of Kh; visible: bool, broadcastable
+    to [B, T, S]. Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(d))
+    logits = jnp.where(visible[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
