@@ -70,20 +70,21 @@ class Attention(nnx.Module):
         self.o_proj = layers.OutLinear((t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"),
                                        use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, visible, cache_kv=None, cache_index=None):
-        """x: [B, T, E]; visible: [B, T, S] bool. With a cache ([B, S, Kh, D] each), the new keys
-        and values are written at `cache_index` and attention runs over the whole cache."""
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
+        """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t.
+        With a cache ([B, S, Kh, D] each), the new keys and values are written at
+        `causal_offset` and attention runs over the cache."""
         q = layers.apply_rotary(self.q_proj(x), cos, sin)
         k = layers.apply_rotary(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
         q = parallel.constrain(q, ("batch", None, "heads", None))
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, causal_offset, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, causal_offset, 0, 0))
             k = parallel.constrain(k, CACHE_AXES[1:])
             v = parallel.constrain(v, CACHE_AXES[1:])
-        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), visible)
+        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, causal_offset=causal_offset)
         return self.o_proj(out), (k, v)
 
 
@@ -99,8 +100,8 @@ class DecoderLayer(nnx.Module):
                                    axes=("embed", "mlp"), param_dtype=config.param_dtype,
                                    compute_dtype=config.compute_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, visible, cache_kv=None, cache_index=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache_kv, cache_index)
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, causal_offset, cache_kv)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", None, "embed")), kv
@@ -153,14 +154,16 @@ class Decoder(nnx.Module):
         self,
         embeds: jax.Array,
         positions: jax.Array,
-        visible: jax.Array,
+        key_valid: jax.Array,
         cache: KVCache | None = None,
         hidden_layers: Sequence[int] = (),
+        causal_offset: int | jax.Array = 0,
     ):
-        """Runs the layers.
+        """Runs the layers, causally.
 
-        embeds: [B, T, E]; positions: [3, B, T]; visible: [B, T, S] bool (S = T without a cache,
-        the cache length with one). `hidden_layers`: indices into the residual stream, 0 being
+        embeds: [B, T, E]; positions: [3, B, T]; key_valid: [B, S] bool (S = T without a cache,
+        the cache length with one); query t sits at key slot causal_offset + t (0 for a full
+        pass and a prefill, `cache.length` for a decode step). `hidden_layers`: indices into the residual stream, 0 being
         the embeddings and i the output of layer i (before the final norm); negative indices
         count from num_layers + 1, so -1 is the last layer's output and -2 the one before.
 
@@ -173,11 +176,10 @@ class Decoder(nnx.Module):
         wanted = sorted({i % (n + 1) for i in hidden_layers})
         captured = {}
         graphdef, stacked = nnx.split(self.layers)
-        cache_index = None if cache is None else cache.length
 
         def run(h, layer_state, kv):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, cos, sin, visible, kv, cache_index)
+            return layer(h, cos, sin, key_valid, causal_offset, kv)
 
         def body(h, xs):
             layer_state, kv = xs

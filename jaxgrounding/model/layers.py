@@ -59,7 +59,6 @@ class Linear(nnx.Module):
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         if len(axes) != 1 + len(out_shape):
             raise ValueError(f"axes {axes} do not match kernel rank {1 + len(out_shape)}")
-        self.out_shape = out_shape
         self.compute_dtype = compute_dtype
         self.kernel = nnx.Param(
             _normal_init(rngs, (in_features, *out_shape), param_dtype), logical_axes=tuple(axes)
@@ -70,8 +69,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.compute_dtype)
-        y = jnp.dot(x.astype(self.compute_dtype), kernel.reshape(kernel.shape[0], -1))
-        y = y.reshape(*x.shape[:-1], *self.out_shape)
+        # A 2D [tokens, in] x [in, out] dot: XLA:CPU picks far better layouts for it than for a
+        # batched one (MLP forward + backward 1.5x faster at [2, 1024, 512] x [512, 1536]).
+        flat = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
+        y = jnp.dot(flat, kernel.reshape(kernel.shape[0], -1))
+        y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -94,8 +96,8 @@ class OutLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
         kernel = self.kernel[...].astype(self.compute_dtype)
-        flat = x.reshape(*x.shape[:-n_in], math.prod(self.in_shape)).astype(self.compute_dtype)
-        y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1]))
+        flat = x.reshape(-1, math.prod(self.in_shape)).astype(self.compute_dtype)
+        y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1])).reshape(*x.shape[:-n_in], kernel.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -219,14 +221,36 @@ def vision_cos_sin(positions_n2: jax.Array, head_dim: int, theta: float) -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """Grouped-query attention with a boolean visibility mask.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
+              causal_offset: int | jax.Array | None = None, block_size: int = 128) -> jax.Array:
+    """Grouped-query attention. Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
 
-    q: [B, T, H, D]; k, v: [B, S, Kh, D] with H a multiple of Kh; visible: bool, broadcastable
-    to [B, T, S]. Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
+    q: [B, T, H, D]; k, v: [B, S, Kh, D] with H a multiple of Kh; key_valid: [B, S] bool.
+    causal_offset: None for no causal mask (the vision tower); otherwise query t sits at key slot
+    causal_offset + t and sees slots up to it. A static (Python int) offset runs the queries in
+    blocks that skip the keys after the block, about half the work of a dense causal pass (2.6x
+    faster forward + backward at T = 1024 on CPU, bench/model_train_step.py); a traced offset
+    (a decode step at `cache.length`) runs dense.
     """
+    t = q.shape[1]
+    if isinstance(causal_offset, int) and t > block_size:
+        outs = []
+        for start in range(0, t, block_size):
+            stop = min(start + block_size, t)
+            keys = min(causal_offset + stop, k.shape[1])
+            outs.append(_dense_attention(q[:, start:stop], k[:, :keys], v[:, :keys], key_valid[:, :keys],
+                                         causal_offset + start))
+        return jnp.concatenate(outs, axis=1)
+    return _dense_attention(q, k, v, key_valid, causal_offset)
+
+
+def _dense_attention(q, k, v, key_valid, causal_offset):
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
+    visible = key_valid[:, None, :]  # [B, 1, S]
+    if causal_offset is not None:
+        slots = jnp.arange(k.shape[1])
+        visible = visible & (slots[None, :] <= causal_offset + jnp.arange(t)[:, None])[None]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(d))

@@ -53,8 +53,9 @@ class ModelInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32 (None when not asked for)
     hidden_states: dict[int, jax.Array]  # requested residual-stream layers, [B, T, E] each
+    last_hidden_state: jax.Array  # [B, T, E] after the final norm (what the LM head reads)
 
 
 def _np(x):
@@ -124,12 +125,6 @@ def prepare_inputs(
                        visual_slots=visual_slots)
 
 
-def _visible(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """Causal visibility over cache slots: [T] query slots, [B, S] valid keys -> [B, T, S]."""
-    slots = jnp.arange(key_valid.shape[1])
-    return (slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
-
-
 class VideoLLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -150,9 +145,9 @@ class VideoLLM(nnx.Module):
         """Full causal forward over the batch. Returns ModelOutput (logits None if not asked)."""
         embeds = self.embed_inputs(inputs)
         mask = jnp.asarray(inputs.attention_mask)
-        visible = _visible(jnp.arange(mask.shape[1]), mask)
-        final, hidden, _ = self.decoder(embeds, jnp.asarray(inputs.positions), visible, None, hidden_layers)
-        return ModelOutput(logits=self.decoder.logits(final) if logits else None, hidden_states=hidden)
+        final, hidden, _ = self.decoder(embeds, jnp.asarray(inputs.positions), mask, None, hidden_layers)
+        return ModelOutput(logits=self.decoder.logits(final) if logits else None, hidden_states=hidden,
+                           last_hidden_state=final)
 
     def prefill(self, inputs: ModelInputs, cache: KVCache):
         """Runs the prompt into an empty cache. Returns (last-position logits [B, V], cache)."""
@@ -161,8 +156,7 @@ class VideoLLM(nnx.Module):
         t = mask.shape[1]
         key_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.key_valid), mask, (0, 0))
         cache = dataclasses.replace(cache, key_valid=key_valid, length=jnp.zeros((), jnp.int32))
-        final, _, cache = self.decoder(embeds, jnp.asarray(inputs.positions), _visible(jnp.arange(t), key_valid),
-                                       cache)
+        final, _, cache = self.decoder(embeds, jnp.asarray(inputs.positions), key_valid, cache)
         cache = dataclasses.replace(cache, length=jnp.asarray(t, jnp.int32),
                                     next_position=jnp.asarray(inputs.next_position, jnp.int32))
         return self.decoder.logits(final[:, -1]), cache
@@ -173,8 +167,7 @@ class VideoLLM(nnx.Module):
         positions = jnp.broadcast_to(cache.next_position[None, :, None], (3, tokens.shape[0], 1))
         key_valid = cache.key_valid.at[:, cache.length].set(True)
         cache = dataclasses.replace(cache, key_valid=key_valid)
-        visible = _visible(cache.length[None], key_valid)
-        final, _, cache = self.decoder(embeds, positions, visible, cache)
+        final, _, cache = self.decoder(embeds, positions, key_valid, cache, causal_offset=cache.length)
         cache = dataclasses.replace(cache, length=cache.length + 1, next_position=cache.next_position + 1)
         return self.decoder.logits(final[:, 0]), cache
 

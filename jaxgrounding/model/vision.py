@@ -111,7 +111,7 @@ def _segment_attention(q, k, v, index, valid, inverse):
     """Attention within segments. q, k, v: [N, H, D] -> [N, H, D]."""
     zero = jnp.zeros((1, *q.shape[1:]), q.dtype)
     gather = lambda x: jnp.concatenate([x, zero], 0)[index]  # [S, L, H, D]
-    out = layers.attention(gather(q), gather(k), gather(v), valid[:, None, :])
+    out = layers.attention(gather(q), gather(k), gather(v), valid)
     out = out.reshape(-1, *q.shape[1:])
     return out[inverse]
 

@@ -18,6 +18,8 @@ BATCHES = {
               [("text", 2), ("image", (1, 6, 10)), ("text", 2)]],
     "video": [[("text", 3), ("video", (4, 6, 8), 1.0), ("text", 3)],
               [("text", 2), ("video", (2, 4, 4), 0.5), ("text", 5)]],
+    # longer than one attention block (128): exercises the block-causal path
+    "long": [[("text", 150), ("video", (2, 4, 8), 1.0), ("text", 120)], [("text", 231)]],
     "mixed": [[("text", 2), ("image", (1, 4, 6)), ("text", 2), ("video", (2, 6, 6), 2.0), ("text", 3)],
               [("text", 4), ("video", (2, 4, 8), 1.0), ("text", 2)]],
 }

@@ -1,0 +1,129 @@
+"""Frames -> `pixel_values_videos` / `video_grid_thw` in the Qwen2-VL processor layout, in numpy.
+
+transformers' video processors need torchvision (and torch) at run time; this reimplements
+their rules so the training input path is numpy only: resize with `smart_resize` (sides
+multiples of patch * merge, pixel count within [min_pixels, max_pixels], bicubic), rescale by
+1/255, normalise with the checkpoint's mean/std, pad the frame count to a multiple of the
+temporal patch size by repeating the last frame, and cut patches ordered (t, h/m, w/m, m, m)
+with each patch flattened as (C, Tp, P, P). Settings come from the checkpoint's
+`preprocessor_config.json` / `video_preprocessor_config.json` when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's target size: sides multiples of `factor`, area within [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualInputs:
+    pixel_values: np.ndarray  # [t * h * w, C * Tp * P * P] float32
+    grid_thw: np.ndarray  # [3] int64 patch grid
+    second_per_grid: float  # seconds spanned by one temporal grid (videos)
+    num_tokens: int  # placeholder tokens it takes in the text: one per merge block
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualProcessor:
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> VisualProcessor:
+        """Reads the checkpoint's video (else image) preprocessor config; defaults otherwise."""
+        settings = {}
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file) as f:
+                    settings.update(json.load(f))
+        size = settings.get("size") or {}
+        kwargs = dict(
+            patch_size=settings.get("patch_size", 14),
+            temporal_patch_size=settings.get("temporal_patch_size", 2),
+            merge_size=settings.get("merge_size", 2),
+            image_mean=tuple(settings.get("image_mean", OPENAI_CLIP_MEAN)),
+            image_std=tuple(settings.get("image_std", OPENAI_CLIP_STD)),
+            min_pixels=settings.get("min_pixels", size.get("shortest_edge", 56 * 56)),
+            max_pixels=settings.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280)),
+        )
+        return cls(**{**kwargs, **overrides})
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def video(self, frames: np.ndarray, fps: float) -> VisualInputs:
+        """frames: [T, H, W, 3] uint8 sampled at `fps` frames per second."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
+        if frames.shape[0] == 0:
+            raise ValueError("no frames")
+        pixels = self._normalise(self._resize(frames))  # [T, C, H, W]
+        tp = self.temporal_patch_size
+        if pixels.shape[0] % tp:
+            pad = np.repeat(pixels[-1:], tp - pixels.shape[0] % tp, axis=0)
+            pixels = np.concatenate([pixels, pad])
+        return self._inputs(pixels, second_per_grid=tp / fps)
+
+    def image(self, image: np.ndarray) -> VisualInputs:
+        """image: [H, W, 3] uint8; repeated over the temporal patch like the HF processor."""
+        pixels = self._normalise(self._resize(np.asarray(image)[None]))
+        pixels = np.repeat(pixels, self.temporal_patch_size, axis=0)
+        return self._inputs(pixels, second_per_grid=0.0)
+
+    def _inputs(self, pixels: np.ndarray, second_per_grid: float) -> VisualInputs:
+        patches, grid = self._patchify(pixels)
+        return VisualInputs(patches, grid, second_per_grid, int(np.prod(grid)) // self.merge_size**2)
+
+    def _resize(self, frames: np.ndarray) -> np.ndarray:
+        height, width = frames.shape[1:3]
+        h, w = self.target_size(height, width)
+        if (h, w) == (height, width):
+            return frames
+        return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in frames])
+
+    def _normalise(self, frames: np.ndarray) -> np.ndarray:
+        x = frames.astype(np.float32) * np.float32(1 / 255)
+        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return x.transpose(0, 3, 1, 2)  # [T, C, H, W]
+
+    def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t, c, height, width = pixels.shape
+        p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        gt, gh, gw = t // tp, height // p, width // p
+        x = pixels.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, Tp, P, P)
+        return x.reshape(gt * gh * gw, c * tp * p * p), np.array([gt, gh, gw], np.int64)

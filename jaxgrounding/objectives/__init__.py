@@ -1,0 +1,1 @@
+"""Training objectives: the LM loss over response tokens (later: structural-token and GRPO losses)."""

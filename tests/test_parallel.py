@@ -1,0 +1,52 @@
+"""Logical-axis rules and the sharded forward on an 8-device CPU mesh."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import jaxgrounding.model as jm
+from jaxgrounding import parallel
+from tests.model import hf_reference as ref
+
+
+def test_rules_map_logical_names_to_mesh_axes():
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    assert parallel.logical_to_spec(("embed", "heads", None), (64, 4, 16), mesh) == P("fsdp", "tensor", None)
+    # a dimension the mesh axis does not divide is replicated instead of failing
+    assert parallel.logical_to_spec(("embed", "kv_heads", None), (64, 1, 16), mesh) == P("fsdp", None, None)
+    # an axis already used by an earlier dimension is not reused
+    assert parallel.logical_to_spec(("batch", "embed"), (4, 64), mesh) == P(("data", "fsdp"), None)
+    with pytest.raises(KeyError, match="no rule"):
+        parallel.logical_to_spec(("nonsense",))
+
+
+def test_make_mesh_checks_device_count():
+    assert dict(parallel.make_mesh(fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        parallel.make_mesh(data=2, fsdp=4, tensor=2)
+
+
+def test_sharded_forward_equals_single_device(tmp_path):
+    assert len(jax.devices()) == 8, "tests/conftest.py forces 8 host devices"
+    ref.build_reference("qwen2_5_vl", str(tmp_path))
+    single = jm.from_pretrained(str(tmp_path))
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    sharded = jm.from_pretrained(str(tmp_path), mesh=mesh)
+
+    specs = {".".join(map(str, k)): v.get_value().sharding.spec
+             for k, v in nnx.to_flat_state(nnx.state(sharded))}
+    assert specs["decoder.layers.self_attn.q_proj.kernel"] == P(None, "fsdp", "tensor", None)
+    assert specs["decoder.layers.mlp.down_proj.kernel"] == P(None, "tensor", "fsdp")
+    assert specs["decoder.embed_tokens"] == P("tensor", "fsdp")
+
+    samples = [[("text", 3), ("video", (2, 4, 8), 1.0), ("text", 2)], [("text", 5)],
+               [("text", 2), ("image", (1, 4, 4)), ("text", 4)], [("text", 8)]]
+    batch = ref.ours_inputs(ref.make_batch(samples, rng=np.random.default_rng(0),
+                                           patch_dim=single.config.vision.patch_dim))
+    want = np.asarray(single(**batch).logits)
+    with jax.set_mesh(mesh):
+        got = sharded(**batch).logits
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], want[valid], atol=1e-5)
