@@ -25,7 +25,7 @@ def default_compute_dtype():
 
 
 def from_pretrained(path: str, dtype=jnp.float32, mesh=None, compute_dtype=None,
-                    remat_policy: str = "none") -> VideoLLM:
+                    remat_policy: str = "dots_with_no_batch_dims_saveable") -> VideoLLM:
     """Builds a VideoLLM from an HF checkpoint directory (config.json + safetensors).
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: `default_compute_dtype()`);

@@ -94,7 +94,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
-    remat_policy: str = "none"
+    remat_policy: str = "dots_with_no_batch_dims_saveable"
     # The config.json this came from, written back by save_pretrained.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -232,29 +232,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
     faster forward + backward at T = 1024 on CPU, bench/model_train_step.py); a traced offset
     (a decode step at `cache.length`) runs dense.
     """
-    t = q.shape[1]
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    # Head-major layout [B, Kh, G*T, D]: every kv head's query group is one plain batched matmul.
+    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, Kh, G, T, D]
+    kh = k.transpose(0, 2, 1, 3)
+    vh = v.transpose(0, 2, 1, 3)
     if isinstance(causal_offset, int) and t > block_size:
         outs = []
         for start in range(0, t, block_size):
             stop = min(start + block_size, t)
             keys = min(causal_offset + stop, k.shape[1])
-            outs.append(_dense_attention(q[:, start:stop], k[:, :keys], v[:, :keys], key_valid[:, :keys],
-                                         causal_offset + start))
-        return jnp.concatenate(outs, axis=1)
-    return _dense_attention(q, k, v, key_valid, causal_offset)
+            outs.append(_dense_attention(qh[:, :, :, start:stop], kh[:, :, :keys], vh[:, :, :keys],
+                                         key_valid[:, :keys], causal_offset + start))
+        out = jnp.concatenate(outs, axis=3)
+    else:
+        out = _dense_attention(qh, kh, vh, key_valid, causal_offset)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _dense_attention(q, k, v, key_valid, causal_offset):
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    """q: [B, Kh, G, T, D]; k, v: [B, Kh, S, D] -> [B, Kh, G, T, D]."""
+    b, kv_heads, g, t, d = q.shape
+    s = k.shape[2]
     visible = key_valid[:, None, :]  # [B, 1, S]
     if causal_offset is not None:
-        slots = jnp.arange(k.shape[1])
-        visible = visible & (slots[None, :] <= causal_offset + jnp.arange(t)[:, None])[None]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        visible = visible & (jnp.arange(s)[None, :] <= causal_offset + jnp.arange(t)[:, None])[None]
+    logits = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv_heads, g * t, d), k,
+                        preferred_element_type=jnp.float32).reshape(b, kv_heads, g, t, s)
     logits = logits * (1.0 / math.sqrt(d))
-    logits = jnp.where(visible[:, None, None, :, :], logits, _MASK_VALUE)
+    logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv_heads, g * t, s), v)
+    return out.reshape(b, kv_heads, g, t, d)
