@@ -25,25 +25,39 @@ import numpy as np
 def build_checkpoint(path: str, args) -> None:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     torch.manual_seed(0)
     head_dim = args.hidden // args.heads
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [head_dim // 8, 3 * head_dim // 16,
-                                                            head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=args.hidden),
-        image_token_id=args.vocab - 4, video_token_id=args.vocab - 3, vision_start_token_id=args.vocab - 2,
-        vision_end_token_id=args.vocab - 1)
+        text_config=dict(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.mlp,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            max_position_embeddings=32768,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [
+                    head_dim // 8,
+                    3 * head_dim // 16,
+                    head_dim // 2 - head_dim // 8 - 3 * head_dim // 16,
+                ],
+            },
+        ),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=args.hidden),
+        image_token_id=args.vocab - 4,
+        video_token_id=args.vocab - 3,
+        vision_start_token_id=args.vocab - 2,
+        vision_end_token_id=args.vocab - 1,
+    )
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
 
 
 def bench_jax(path: str, batches: list[np.ndarray], steps: int, remat: str) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
@@ -56,15 +70,12 @@ def bench_jax(path: str, batches: list[np.ndarray], steps: int, remat: str) -> d
     optimizer = optax.adamw(1e-5)
     opt_state = optimizer.init(params)
     b, t = batches[0].shape
-    positions = np.broadcast_to(np.arange(t, dtype=np.int32)[None, None], (3, b, t))
 
     def loss_fn(params, ids):
         m = nnx.merge(graphdef, params)
-        mask = jnp.ones_like(ids, bool)
-        inputs = ModelInputs(input_ids=ids, attention_mask=mask, positions=positions,
-                             next_position=jnp.full((b,), t, jnp.int32))
+        inputs = ModelInputs.for_text(ids)
         hidden = m.forward(inputs, logits=False).last_hidden_state
-        return next_token_loss(m, hidden, ids, mask)[0]
+        return next_token_loss(m, hidden, ids, inputs.attention_mask)[0]
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, ids):
@@ -83,8 +94,14 @@ def bench_jax(path: str, batches: list[np.ndarray], steps: int, remat: str) -> d
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
     sec = float(np.median(times))
-    return {"framework": "jax", "remat": remat, "step_s": sec, "tokens_per_s": b * t / sec, "first_step_s": compile_s,
-            "loss": float(loss)}
+    return {
+        "framework": "jax",
+        "remat": remat,
+        "step_s": sec,
+        "tokens_per_s": b * t / sec,
+        "first_step_s": compile_s,
+        "loss": float(loss),
+    }
 
 
 def bench_torch(path: str, batches: list[np.ndarray], steps: int) -> dict:
@@ -111,8 +128,13 @@ def bench_torch(path: str, batches: list[np.ndarray], steps: int) -> dict:
         loss = step(batches[(i + 1) % len(batches)])
         times.append(time.perf_counter() - start)
     sec = float(np.median(times))
-    return {"framework": "torch", "step_s": sec, "tokens_per_s": b * t / sec, "loss": loss,
-            "threads": torch.get_num_threads()}
+    return {
+        "framework": "torch",
+        "step_s": sec,
+        "tokens_per_s": b * t / sec,
+        "loss": loss,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main():
@@ -126,14 +148,23 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable", help="decoder remat policy (ModelConfig.remat_policy)")
+    parser.add_argument(
+        "--remat", default="dots_with_no_batch_dims_saveable", help="decoder remat policy (ModelConfig.remat_policy)"
+    )
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, args.vocab - 4, size=(args.batch, args.seq)).astype(np.int32) for _ in range(3)]
-    common = {"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "batch": args.batch,
-              "dtype": "float32", "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    common = {
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "seq": args.seq,
+        "batch": args.batch,
+        "dtype": "float32",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path, args)
         if not args.skip_torch:
@@ -143,8 +174,16 @@ def main():
         print(json.dumps(jax_result), flush=True)
     if args.skip_torch:
         return
-    print(json.dumps({**common, "metric": "jax_over_torch_tokens_per_s",
-                      "ratio": jax_result["tokens_per_s"] / torch_result["tokens_per_s"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                **common,
+                "metric": "jax_over_torch_tokens_per_s",
+                "ratio": jax_result["tokens_per_s"] / torch_result["tokens_per_s"],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -50,13 +50,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
             raise ValueError(f"{len(devices)} devices do not split into mesh {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, " f"have {len(devices)}"
+        )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None
+) -> PartitionSpec:
     """PartitionSpec for logical `axes`. Given a shape and mesh, a mesh axis that does not divide
     its dimension is dropped (that dimension is replicated) rather than failing, so that small
     dimensions such as 2 KV heads on 4-way tensor parallelism still load."""

@@ -35,16 +35,20 @@ def test_sharded_forward_equals_single_device(tmp_path):
     mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
     sharded = jm.from_pretrained(str(tmp_path), mesh=mesh)
 
-    specs = {".".join(map(str, k)): v.get_value().sharding.spec
-             for k, v in nnx.to_flat_state(nnx.state(sharded))}
+    specs = {".".join(map(str, k)): v.get_value().sharding.spec for k, v in nnx.to_flat_state(nnx.state(sharded))}
     assert specs["decoder.layers.self_attn.q_proj.kernel"] == P(None, "fsdp", "tensor", None)
     assert specs["decoder.layers.mlp.down_proj.kernel"] == P(None, "tensor", "fsdp")
     assert specs["decoder.embed_tokens"] == P("tensor", "fsdp")
 
-    samples = [[("text", 3), ("video", (2, 4, 8), 1.0), ("text", 2)], [("text", 5)],
-               [("text", 2), ("image", (1, 4, 4)), ("text", 4)], [("text", 8)]]
-    batch = ref.ours_inputs(ref.make_batch(samples, rng=np.random.default_rng(0),
-                                           patch_dim=single.config.vision.patch_dim))
+    samples = [
+        [("text", 3), ("video", (2, 4, 8), 1.0), ("text", 2)],
+        [("text", 5)],
+        [("text", 2), ("image", (1, 4, 4)), ("text", 4)],
+        [("text", 8)],
+    ]
+    batch = ref.ours_inputs(
+        ref.make_batch(samples, rng=np.random.default_rng(0), patch_dim=single.config.vision.patch_dim)
+    )
     want = np.asarray(single(**batch).logits)
     with jax.set_mesh(mesh):
         got = sharded(**batch).logits

@@ -61,14 +61,18 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         t = config.text
         kw = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
-        self.q_proj = layers.Linear(t.hidden_size, (t.num_heads, t.head_dim), axes=("embed", "heads", None),
-                                    use_bias=True, **kw)
-        self.k_proj = layers.Linear(t.hidden_size, (t.num_kv_heads, t.head_dim),
-                                    axes=("embed", "kv_heads", None), use_bias=True, **kw)
-        self.v_proj = layers.Linear(t.hidden_size, (t.num_kv_heads, t.head_dim),
-                                    axes=("embed", "kv_heads", None), use_bias=True, **kw)
-        self.o_proj = layers.OutLinear((t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"),
-                                       use_bias=False, **kw)
+        self.q_proj = layers.Linear(
+            t.hidden_size, (t.num_heads, t.head_dim), axes=("embed", "heads", None), use_bias=True, **kw
+        )
+        self.k_proj = layers.Linear(
+            t.hidden_size, (t.num_kv_heads, t.head_dim), axes=("embed", "kv_heads", None), use_bias=True, **kw
+        )
+        self.v_proj = layers.Linear(
+            t.hidden_size, (t.num_kv_heads, t.head_dim), axes=("embed", "kv_heads", None), use_bias=True, **kw
+        )
+        self.o_proj = layers.OutLinear(
+            (t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"), use_bias=False, **kw
+        )
 
     def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
         """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t.
@@ -91,14 +95,23 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         t = config.text
-        self.input_layernorm = layers.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed",
-                                              param_dtype=config.param_dtype)
+        self.input_layernorm = layers.RMSNorm(
+            t.hidden_size, eps=t.rms_norm_eps, axis_name="embed", param_dtype=config.param_dtype
+        )
         self.self_attn = Attention(config, rngs=rngs)
-        self.post_attention_layernorm = layers.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed",
-                                                       param_dtype=config.param_dtype)
-        self.mlp = layers.GatedMLP(t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False,
-                                   axes=("embed", "mlp"), param_dtype=config.param_dtype,
-                                   compute_dtype=config.compute_dtype, rngs=rngs)
+        self.post_attention_layernorm = layers.RMSNorm(
+            t.hidden_size, eps=t.rms_norm_eps, axis_name="embed", param_dtype=config.param_dtype
+        )
+        self.mlp = layers.GatedMLP(
+            t.hidden_size,
+            t.intermediate_size,
+            act=t.hidden_act,
+            use_bias=False,
+            axes=("embed", "mlp"),
+            param_dtype=config.param_dtype,
+            compute_dtype=config.compute_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
         attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, causal_offset, cache_kv)
@@ -131,11 +144,20 @@ class Decoder(nnx.Module):
 
         self.layers = make_layers(rngs)
         mark_stacked(self.layers)
-        self.norm = layers.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed",
-                                   param_dtype=config.param_dtype)
-        self.lm_head = nnx.data(None if config.tie_word_embeddings else layers.Linear(
-            t.hidden_size, t.vocab_size, axes=("embed", "vocab"), use_bias=False,
-            param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs))
+        self.norm = layers.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed", param_dtype=config.param_dtype)
+        self.lm_head = nnx.data(
+            None
+            if config.tie_word_embeddings
+            else layers.Linear(
+                t.hidden_size,
+                t.vocab_size,
+                axes=("embed", "vocab"),
+                use_bias=False,
+                param_dtype=config.param_dtype,
+                compute_dtype=config.compute_dtype,
+                rngs=rngs,
+            )
+        )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         table = self.embed_tokens[...].astype(self.config.compute_dtype)
@@ -171,8 +193,9 @@ class Decoder(nnx.Module):
         """
         cfg = self.config
         n = cfg.text.num_layers
-        cos, sin = layers.mrope_cos_sin(positions, cfg.text.head_dim, cfg.text.rope_theta,
-                                        cfg.text.mrope_section, cfg.compute_dtype)
+        cos, sin = layers.mrope_cos_sin(
+            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
+        )
         wanted = sorted({i % (n + 1) for i in hidden_layers})
         captured = {}
         graphdef, stacked = nnx.split(self.layers)

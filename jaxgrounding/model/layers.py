@@ -60,12 +60,8 @@ class Linear(nnx.Module):
         if len(axes) != 1 + len(out_shape):
             raise ValueError(f"axes {axes} do not match kernel rank {1 + len(out_shape)}")
         self.compute_dtype = compute_dtype
-        self.kernel = nnx.Param(
-            _normal_init(rngs, (in_features, *out_shape), param_dtype), logical_axes=tuple(axes)
-        )
-        self.bias = (
-            nnx.Param(jnp.zeros(out_shape, param_dtype), logical_axes=tuple(axes[1:])) if use_bias else None
-        )
+        self.kernel = nnx.Param(_normal_init(rngs, (in_features, *out_shape), param_dtype), logical_axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), logical_axes=tuple(axes[1:])) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.compute_dtype)
@@ -82,16 +78,23 @@ class Linear(nnx.Module):
 class OutLinear(nnx.Module):
     """y = x @ kernel over several trailing input axes (e.g. [heads, head_dim] -> embed)."""
 
-    def __init__(self, in_shape: Sequence[int], out_features: int, *, axes, use_bias: bool,
-                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_features: int,
+        *,
+        axes,
+        use_bias: bool,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.in_shape = tuple(in_shape)
         self.compute_dtype = compute_dtype
         self.kernel = nnx.Param(
             _normal_init(rngs, (*self.in_shape, out_features), param_dtype), logical_axes=tuple(axes)
         )
-        self.bias = (
-            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[-1],)) if use_bias else None
-        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[-1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
@@ -136,8 +139,18 @@ class LayerNorm(nnx.Module):
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): the text decoder's MLP and Qwen2.5-VL's vision MLP."""
 
-    def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, axes: tuple[str, str],
-                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        act: str,
+        use_bias: bool,
+        axes: tuple[str, str],
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+    ):
         embed, mlp = axes
         kw = dict(use_bias=use_bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.act = activation(act)
@@ -152,8 +165,9 @@ class GatedMLP(nnx.Module):
 class PlainMLP(nnx.Module):
     """fc2(act(fc1(x))): Qwen2-VL's vision MLP."""
 
-    def __init__(self, dim: int, hidden: int, *, act: str, axes: tuple[str, str], param_dtype,
-                 compute_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, hidden: int, *, act: str, axes: tuple[str, str], param_dtype, compute_dtype, rngs: nnx.Rngs
+    ):
         embed, mlp = axes
         kw = dict(use_bias=True, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.act = activation(act)
@@ -186,8 +200,9 @@ def inverse_frequencies(dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def mrope_cos_sin(positions_3bt: jax.Array, head_dim: int, theta: float,
-                  mrope_section: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+def mrope_cos_sin(
+    positions_3bt: jax.Array, head_dim: int, theta: float, mrope_section: Sequence[int], dtype
+) -> tuple[jax.Array, jax.Array]:
     """Multimodal RoPE (Qwen2-VL sec. 2.1): frequency band i of the head takes its angle from the
     temporal, height or width position stream according to `mrope_section`.
 
@@ -221,8 +236,15 @@ def vision_cos_sin(positions_n2: jax.Array, head_dim: int, theta: float) -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
-              causal_offset: int | jax.Array | None = None, block_size: int = 128) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_valid: jax.Array,
+    *,
+    causal_offset: int | jax.Array | None = None,
+    block_size: int = 128,
+) -> jax.Array:
     """Grouped-query attention. Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
 
     q: [B, T, H, D]; k, v: [B, S, Kh, D] with H a multiple of Kh; key_valid: [B, S] bool.
@@ -243,8 +265,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
         for start in range(0, t, block_size):
             stop = min(start + block_size, t)
             keys = min(causal_offset + stop, k.shape[1])
-            outs.append(_dense_attention(qh[:, :, :, start:stop], kh[:, :, :keys], vh[:, :, :keys],
-                                         key_valid[:, :keys], causal_offset + start))
+            outs.append(
+                _dense_attention(
+                    qh[:, :, :, start:stop],
+                    kh[:, :, :keys],
+                    vh[:, :, :keys],
+                    key_valid[:, :keys],
+                    causal_offset + start,
+                )
+            )
         out = jnp.concatenate(outs, axis=3)
     else:
         out = _dense_attention(qh, kh, vh, key_valid, causal_offset)
@@ -258,8 +287,9 @@ def _dense_attention(q, k, v, key_valid, causal_offset):
     visible = key_valid[:, None, :]  # [B, 1, S]
     if causal_offset is not None:
         visible = visible & (jnp.arange(s)[None, :] <= causal_offset + jnp.arange(t)[:, None])[None]
-    logits = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kv_heads, g * t, d), k,
-                        preferred_element_type=jnp.float32).reshape(b, kv_heads, g, t, s)
+    logits = jnp.einsum(
+        "bkqd,bksd->bkqs", q.reshape(b, kv_heads, g * t, d), k, preferred_element_type=jnp.float32
+    ).reshape(b, kv_heads, g, t, s)
     logits = logits * (1.0 / math.sqrt(d))
     logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -37,7 +37,9 @@ def rope_positions(
     m = config.vision.spatial_merge_size
     images = iter(np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else iter(())
     videos = iter(np.asarray(video_grid_thw).reshape(-1, 3)) if video_grid_thw is not None else iter(())
-    seconds = iter(np.asarray(second_per_grid_ts, dtype=np.float64).reshape(-1)) if second_per_grid_ts is not None else None
+    seconds = (
+        iter(np.asarray(second_per_grid_ts, dtype=np.float64).reshape(-1)) if second_per_grid_ts is not None else None
+    )
 
     positions = np.zeros((3, batch, length), dtype=np.int64)
     next_position = np.zeros((batch,), dtype=np.int64)
@@ -58,7 +60,7 @@ def rope_positions(
                 raise ValueError(f"sample {b}: more {kind} placeholder blocks than {kind}_grid_thw rows")
             t, h, w = (int(grid[0]), int(grid[1]) // m, int(grid[2]) // m)
             n = t * h * w
-            block = ids[i:i + n]
+            block = ids[i : i + n]
             if block.shape[0] != n or np.any(block != token):
                 raise ValueError(
                     f"sample {b}: a {'video' if is_video else 'image'} block of grid {tuple(grid)} needs {n} "
@@ -72,8 +74,8 @@ def rope_positions(
             # float64 then truncation toward zero, as torch's `.long()` of the float product.
             ti = (np.arange(t, dtype=np.float64) * interval).astype(np.int64)
             tt, hh, ww = np.meshgrid(ti, np.arange(h), np.arange(w), indexing="ij")
-            out[:, i:i + n] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start
-            start = int(out[:, i:i + n].max()) + 1
+            out[:, i : i + n] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start
+            start = int(out[:, i : i + n].max()) + 1
             i += n
         positions[:, b, mask[b]] = out
         next_position[b] = start

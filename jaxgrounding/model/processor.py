@@ -1,7 +1,8 @@
 """Frames -> `pixel_values_videos` / `video_grid_thw` in the Qwen2-VL processor layout, in numpy.
 
 transformers' video processors need torchvision (and torch) at run time; this reimplements
-their rules so the training input path is numpy only: resize with `smart_resize` (sides
+their rules so the training input path is numpy only: resize with `smart_resize` (the data
+layer's implementation of the same rule; sides
 multiples of patch * merge, pixel count within [min_pixels, max_pixels], bicubic), rescale by
 1/255, normalise with the checkpoint's mean/std, pad the frame count to a multiple of the
 temporal patch size by repeating the last frame, and cut patches ordered (t, h/m, w/m, m, m)
@@ -13,33 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 
 import numpy as np
 from PIL import Image
 
+from jaxgrounding.data.resize import smart_resize
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """Qwen2-VL's target size: sides multiples of `factor`, area within [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +65,13 @@ class VisualProcessor:
         return cls(**{**kwargs, **overrides})
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return smart_resize(
+            height,
+            width,
+            factor=self.patch_size * self.merge_size,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
 
     def video(self, frames: np.ndarray, fps: float) -> VisualInputs:
         """frames: [T, H, W, 3] uint8 sampled at `fps` frames per second."""

@@ -17,9 +17,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -67,7 +74,7 @@ class SafetensorsFile:
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != expected or self._data_start + end > self._size:
             raise SafetensorsError(f"{self.path}: tensor {name} is truncated or its offsets are corrupt")
-        raw = self._map[self._data_start + begin:self._data_start + end]
+        raw = self._map[self._data_start + begin : self._data_start + end]
         return raw.view(dtype.newbyteorder("<")).reshape(shape)
 
 
@@ -80,8 +87,11 @@ def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
         if array.dtype not in _NAMES:
             raise SafetensorsError(f"tensor {name}: dtype {array.dtype} cannot be written to safetensors")
         arrays[name] = array
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     header["__metadata__"] = dict(metadata or {"format": "pt"})
     blob = json.dumps(header, separators=(",", ":")).encode()

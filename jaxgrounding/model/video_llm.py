@@ -49,6 +49,18 @@ class ModelInputs:
     vision: Any = None
     visual_slots: Any = None
 
+    @classmethod
+    def for_text(cls, input_ids, attention_mask=None) -> ModelInputs:
+        """Inputs of a text-only batch (traceable: positions count the unmasked tokens)."""
+        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=mask,
+            positions=jnp.broadcast_to(positions, (3, *mask.shape)),
+            next_position=jnp.sum(mask, axis=1).astype(jnp.int32),
+        )
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -77,8 +89,9 @@ def prepare_inputs(
     input_ids = np.asarray(input_ids, dtype=np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    attention_mask = (np.ones_like(input_ids, dtype=bool) if attention_mask is None
-                      else np.asarray(attention_mask).astype(bool))
+    attention_mask = (
+        np.ones_like(input_ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    )
     image_grid_thw, video_grid_thw = _np(image_grid_thw), _np(video_grid_thw)
     if (pixel_values is None) != (image_grid_thw is None):
         raise ValueError("pixel_values and image_grid_thw must be given together")
@@ -87,7 +100,8 @@ def prepare_inputs(
 
     if position_ids is None:
         positions, next_position = rope_positions(
-            input_ids, config, attention_mask, image_grid_thw, video_grid_thw, _np(second_per_grid_ts))
+            input_ids, config, attention_mask, image_grid_thw, video_grid_thw, _np(second_per_grid_ts)
+        )
     else:
         positions = np.asarray(position_ids, dtype=np.int32)
         if positions.ndim == 2:
@@ -97,20 +111,26 @@ def prepare_inputs(
     pixel_rows, grids, slots = [], [], []
     flat_ids = np.where(attention_mask, input_ids, -1).reshape(-1)
     m2 = config.vision.spatial_merge_size**2
-    for pixels, grid, token, kind in ((pixel_values, image_grid_thw, config.image_token_id, "image"),
-                                      (pixel_values_videos, video_grid_thw, config.video_token_id, "video")):
+    for pixels, grid, token, kind in (
+        (pixel_values, image_grid_thw, config.image_token_id, "image"),
+        (pixel_values_videos, video_grid_thw, config.video_token_id, "video"),
+    ):
         if pixels is None:
             continue
         pixels = np.asarray(pixels)
         grid = np.asarray(grid, dtype=np.int64).reshape(-1, 3)
         n_patches = int(np.prod(grid, axis=1).sum())
         if pixels.shape != (n_patches, config.vision.patch_dim):
-            raise ValueError(f"{kind} pixels have shape {pixels.shape}; grid_thw {grid.tolist()} needs "
-                             f"({n_patches}, {config.vision.patch_dim})")
+            raise ValueError(
+                f"{kind} pixels have shape {pixels.shape}; grid_thw {grid.tolist()} needs "
+                f"({n_patches}, {config.vision.patch_dim})"
+            )
         token_slots = np.flatnonzero(flat_ids == token)
         if token_slots.shape[0] != n_patches // m2:
-            raise ValueError(f"{kind} features and {kind} tokens do not match: {token_slots.shape[0]} "
-                             f"placeholder tokens, {n_patches // m2} features from grid_thw {grid.tolist()}")
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: {token_slots.shape[0]} "
+                f"placeholder tokens, {n_patches // m2} features from grid_thw {grid.tolist()}"
+            )
         pixel_rows.append(pixels)
         grids.append(grid)
         slots.append(token_slots)
@@ -120,9 +140,15 @@ def prepare_inputs(
         pixels = np.concatenate(pixel_rows)
         vision = vision_plan(np.concatenate(grids), config.vision).as_arrays()
         visual_slots = np.concatenate(slots).astype(np.int32)
-    return ModelInputs(input_ids=input_ids, attention_mask=attention_mask, positions=positions,
-                       next_position=next_position.astype(np.int32), pixel_values=pixels, vision=vision,
-                       visual_slots=visual_slots)
+    return ModelInputs(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        positions=positions,
+        next_position=next_position.astype(np.int32),
+        pixel_values=pixels,
+        vision=vision,
+        visual_slots=visual_slots,
+    )
 
 
 class VideoLLM(nnx.Module):
@@ -146,8 +172,9 @@ class VideoLLM(nnx.Module):
         embeds = self.embed_inputs(inputs)
         mask = jnp.asarray(inputs.attention_mask)
         final, hidden, _ = self.decoder(embeds, jnp.asarray(inputs.positions), mask, None, hidden_layers)
-        return ModelOutput(logits=self.decoder.logits(final) if logits else None, hidden_states=hidden,
-                           last_hidden_state=final)
+        return ModelOutput(
+            logits=self.decoder.logits(final) if logits else None, hidden_states=hidden, last_hidden_state=final
+        )
 
     def prefill(self, inputs: ModelInputs, cache: KVCache):
         """Runs the prompt into an empty cache. Returns (last-position logits [B, V], cache)."""
@@ -157,8 +184,9 @@ class VideoLLM(nnx.Module):
         key_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.key_valid), mask, (0, 0))
         cache = dataclasses.replace(cache, key_valid=key_valid, length=jnp.zeros((), jnp.int32))
         final, _, cache = self.decoder(embeds, jnp.asarray(inputs.positions), key_valid, cache)
-        cache = dataclasses.replace(cache, length=jnp.asarray(t, jnp.int32),
-                                    next_position=jnp.asarray(inputs.next_position, jnp.int32))
+        cache = dataclasses.replace(
+            cache, length=jnp.asarray(t, jnp.int32), next_position=jnp.asarray(inputs.next_position, jnp.int32)
+        )
         return self.decoder.logits(final[:, -1]), cache
 
     def decode_step(self, tokens: jax.Array, cache: KVCache):
@@ -171,12 +199,30 @@ class VideoLLM(nnx.Module):
         cache = dataclasses.replace(cache, length=cache.length + 1, next_position=cache.next_position + 1)
         return self.decoder.logits(final[:, 0]), cache
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                 hidden_layers: Sequence[int] = ()) -> ModelOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+        hidden_layers: Sequence[int] = (),
+    ) -> ModelOutput:
         """transformers-style call on processor outputs (numpy, jax or torch-converted arrays)."""
-        inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids)
+        inputs = prepare_inputs(
+            self.config,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
+            position_ids,
+        )
         graphdef, state = nnx.split(self)
         return _jitted_forward(graphdef, state, inputs, tuple(hidden_layers))
 

@@ -48,11 +48,18 @@ class VisionPlan:
     windows: Segments | None  # one segment per attention window (Qwen2.5-VL)
 
     def as_arrays(self) -> dict:
-        out = {"positions": self.positions, "frame_index": self.frames.index,
-               "frame_valid": self.frames.valid, "frame_inverse": self.frames.inverse}
+        out = {
+            "positions": self.positions,
+            "frame_index": self.frames.index,
+            "frame_valid": self.frames.valid,
+            "frame_inverse": self.frames.inverse,
+        }
         if self.windows is not None:
-            out |= {"window_index": self.windows.index, "window_valid": self.windows.valid,
-                    "window_inverse": self.windows.inverse}
+            out |= {
+                "window_index": self.windows.index,
+                "window_valid": self.windows.valid,
+                "window_inverse": self.windows.inverse,
+            }
         return out
 
 
@@ -66,7 +73,7 @@ def _pack(segment_of_token: np.ndarray) -> Segments:
     valid = np.zeros((s, length), dtype=bool)
     inverse = np.empty((n,), dtype=np.int32)
     for row, (start, count) in enumerate(zip(starts, counts)):
-        tokens = order[start:start + count]
+        tokens = order[start : start + count]
         index[row, :count] = tokens
         valid[row, :count] = True
         inverse[tokens] = row * length + np.arange(count, dtype=np.int32)
@@ -119,11 +126,24 @@ def _segment_attention(q, k, v, index, valid, inverse):
 class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
         d, h = config.hidden_size, config.num_heads
-        self.qkv = layers.Linear(d, (3, h, d // h), axes=("vision_embed", None, "vision_heads", None),
-                                 use_bias=True, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.proj = layers.OutLinear((h, d // h), d, axes=("vision_heads", None, "vision_embed"),
-                                     use_bias=True, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                     rngs=rngs)
+        self.qkv = layers.Linear(
+            d,
+            (3, h, d // h),
+            axes=("vision_embed", None, "vision_heads", None),
+            use_bias=True,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            rngs=rngs,
+        )
+        self.proj = layers.OutLinear(
+            (h, d // h),
+            d,
+            axes=("vision_heads", None, "vision_embed"),
+            use_bias=True,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, cos, sin, segments):
         qkv = self.qkv(x)  # [N, 3, H, D]
@@ -141,8 +161,13 @@ class VisionBlock(nnx.Module):
         self.norm1 = norm(d, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
         self.norm2 = norm(d, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
         self.attn = VisionAttention(config, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        kw = dict(act=config.hidden_act, axes=("vision_embed", "vision_mlp"), param_dtype=param_dtype,
-                  compute_dtype=compute_dtype, rngs=rngs)
+        kw = dict(
+            act=config.hidden_act,
+            axes=("vision_embed", "vision_mlp"),
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            rngs=rngs,
+        )
         if config.gated_mlp:
             self.mlp = layers.GatedMLP(d, config.intermediate_size, use_bias=True, **kw)
         else:
@@ -175,9 +200,15 @@ class VisionTower(nnx.Module):
     def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
         self.config = config
         self.compute_dtype = compute_dtype
-        self.patch_embed = layers.Linear(config.patch_dim, config.hidden_size, axes=(None, "vision_embed"),
-                                         use_bias=False, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                         rngs=rngs)
+        self.patch_embed = layers.Linear(
+            config.patch_dim,
+            config.hidden_size,
+            axes=(None, "vision_embed"),
+            use_bias=False,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            rngs=rngs,
+        )
 
         @nnx.split_rngs(splits=config.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -207,8 +238,7 @@ class VisionTower(nnx.Module):
             block = nnx.merge(graphdef, block_state)
             if windows is None:
                 return block(h, cos, sin, frames), None
-            h = jax.lax.cond(is_full, lambda h: block(h, cos, sin, frames),
-                             lambda h: block(h, cos, sin, windows), h)
+            h = jax.lax.cond(is_full, lambda h: block(h, cos, sin, frames), lambda h: block(h, cos, sin, windows), h)
             return h, None
 
         x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(full)))

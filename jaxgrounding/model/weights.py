@@ -41,7 +41,7 @@ class Transposed:
         return hf.reshape(hf.shape[0], -1).T.reshape(shape)
 
     def hf_shape(self, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
-        return (math.prod(ours[self.in_axes:]), math.prod(ours[:self.in_axes]))
+        return (math.prod(ours[self.in_axes :]), math.prod(ours[: self.in_axes]))
 
     def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
         return ours.reshape(-1, hf_shape[0]).T.reshape(hf_shape)
@@ -125,8 +125,10 @@ class _Checkpoint:
         elif os.path.isfile(single):
             files = ["model.safetensors"]
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                    "(only safetensors checkpoints are read; pickles never are)")
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are read; pickles never are)"
+            )
         self.files: dict[str, safetensors_io.SafetensorsFile] = {}
         self.location: dict[str, str] = {}
         for name in files:
@@ -142,18 +144,21 @@ class _Checkpoint:
     def _normalise(key: str) -> str:
         for nested, flat in _NESTED_PREFIXES:
             if key.startswith(nested):
-                return flat + key[len(nested):]
+                return flat + key[len(nested) :]
         return key
 
     def read(self, name: str, expected_shape: tuple[int, ...], wanted_for: str) -> np.ndarray:
         if name not in self.location:
-            raise CheckpointError(f"{self.path}: tensor {name!r} (for parameter {wanted_for}) is missing "
-                                  "from the checkpoint")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} (for parameter {wanted_for}) is missing " "from the checkpoint"
+            )
         file, key = self.location[name]
         st = self.files[file]
         if st.shape(key) != tuple(expected_shape):
-            raise CheckpointError(f"{os.path.join(self.path, file)}: tensor {key!r} has shape {st.shape(key)}, "
-                                  f"the config needs {tuple(expected_shape)} (for parameter {wanted_for})")
+            raise CheckpointError(
+                f"{os.path.join(self.path, file)}: tensor {key!r} has shape {st.shape(key)}, "
+                f"the config needs {tuple(expected_shape)} (for parameter {wanted_for})"
+            )
         return st.get(key)
 
 
@@ -173,7 +178,7 @@ def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
     sharding_of = dict(_flat_variables(shardings)) if shardings is not None else {}
     used: set[str] = set()
     flat = nnx.to_flat_state(abstract_state)
-    for (path_tuple, var) in flat:
+    for path_tuple, var in flat:
         our_path = ".".join(str(p) for p in path_tuple)
         template, transform, stacked = _hf_name(our_path)
         shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
@@ -185,8 +190,9 @@ def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
             host = np.stack([np.asarray(p, dtype=dtype) for p in parts])
         else:
             names = [template]
-            host = np.asarray(transform.to_ours(ckpt.read(template, transform.hf_shape(shape, config), our_path),
-                                                shape), dtype=dtype)
+            host = np.asarray(
+                transform.to_ours(ckpt.read(template, transform.hf_shape(shape, config), our_path), shape), dtype=dtype
+            )
         used.update(names)
         if mesh is not None:
             var.set_value(jax.device_put(host, sharding_of[our_path].get_value()))
@@ -197,9 +203,10 @@ def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
         unexpected.remove("lm_head.weight")  # some exporters write the tied head anyway
     if unexpected:
         shown = ", ".join(f"{k} ({ckpt.location[k][0]})" for k in unexpected[:8])
-        raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) in the checkpoint have no place in a "
-                              f"{config.model_type} model with this config: {shown}"
-                              + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensor(s) in the checkpoint have no place in a "
+            f"{config.model_type} model with this config: {shown}" + (" ..." if len(unexpected) > 8 else "")
+        )
     return nnx.from_flat_state(flat)
 
 

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
-                          chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array]:
     """Summed weighted token NLL and the weight total.
 
     hidden: [N, E] final hidden states; head: [E, V] (the LM head kernel, or the embedding
@@ -29,8 +30,11 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
         targets = jnp.pad(targets, (0, pad))
         weights = jnp.pad(weights, (0, pad))
     chunks = (n + pad) // chunk_size
-    xs = (hidden.reshape(chunks, chunk_size, e), targets.reshape(chunks, chunk_size),
-          weights.reshape(chunks, chunk_size).astype(jnp.float32))
+    xs = (
+        hidden.reshape(chunks, chunk_size, e),
+        targets.reshape(chunks, chunk_size),
+        weights.reshape(chunks, chunk_size).astype(jnp.float32),
+    )
 
     @jax.checkpoint
     def chunk_loss(h, y, w):
@@ -53,8 +57,9 @@ def lm_head_matrix(model) -> jax.Array:
     return decoder.embed_tokens[...].T
 
 
-def next_token_loss(model, last_hidden_state: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                    chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+def next_token_loss(
+    model, last_hidden_state: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array]:
     """Mean NLL of predicting token t+1 from position t where loss_mask[t + 1] is set.
 
     last_hidden_state: [B, T, E]; input_ids, loss_mask: [B, T]. Returns (mean loss, tokens).

@@ -5,36 +5,76 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 IMAGE, VIDEO, START, END = 290, 291, 292, 293
 VOCAB = 300
-TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TOKENS = dict(
+    image_token_id=IMAGE,
+    video_token_id=VIDEO,
+    vision_start_token_id=START,
+    vision_end_token_id=END,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def text_config(layers=2, hidden=64, heads=4, kv_heads=2, mrope=(2, 3, 3), tie=False):
-    return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "mrope_section": list(mrope), "rope_theta": 10000.0},
-                tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": list(mrope), "rope_theta": 10000.0},
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
-def build_reference(kind: str, path: str, *, seed: int = 0, text: dict | None = None, vision: dict | None = None,
-                    tie: bool = False):
+def build_reference(
+    kind: str, path: str, *, seed: int = 0, text: dict | None = None, vision: dict | None = None, tie: bool = False
+):
     """Builds a random tiny model with transformers, saves it to `path`, returns the torch model."""
     torch.manual_seed(seed)
     text = text or text_config(tie=tie)
     if kind == "qwen2_5_vl":
-        vision = vision or dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                                patch_size=14, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
-                                spatial_merge_size=2, temporal_patch_size=2)
+        vision = vision or dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **TOKENS)
         model = Qwen2_5_VLForConditionalGeneration(config)
     elif kind == "qwen2_vl":
-        vision = vision or dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                                spatial_merge_size=2, temporal_patch_size=2)
+        vision = vision or dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **TOKENS)
         model = Qwen2VLForConditionalGeneration(config)
     else:
@@ -71,8 +111,8 @@ def make_batch(samples, *, rng: np.random.Generator, patch_dim: int, merge: int 
     input_ids = np.zeros((len(rows), length), np.int64)
     mask = np.zeros((len(rows), length), np.int64)
     for b, r in enumerate(rows):
-        input_ids[b, length - len(r):] = r
-        mask[b, length - len(r):] = 1
+        input_ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
     batch = dict(input_ids=input_ids, attention_mask=mask)
     if images:
         grid = np.array(images, np.int64)

@@ -15,10 +15,13 @@ def model(tmp_path_factory):
     return jm.from_pretrained(path)
 
 
-@pytest.mark.parametrize("samples", [
-    [[("text", 9)], [("text", 5)]],
-    [[("text", 2), ("video", (2, 4, 8), 1.5), ("text", 3)], [("text", 3), ("image", (1, 4, 4)), ("text", 1)]],
-])
+@pytest.mark.parametrize(
+    "samples",
+    [
+        [[("text", 9)], [("text", 5)]],
+        [[("text", 2), ("video", (2, 4, 8), 1.5), ("text", 3)], [("text", 3), ("image", (1, 4, 4)), ("text", 1)]],
+    ],
+)
 def test_cached_decoding_equals_full_forward(model, samples):
     rng = np.random.default_rng(0)
     prompt = ref.make_batch(samples, rng=rng, patch_dim=model.config.vision.patch_dim)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import Qwen2VLImageProcessorPil
 
-from jaxgrounding.model.processor import VisualProcessor, smart_resize
+from jaxgrounding.model.processor import VisualProcessor
 
 
 @pytest.mark.parametrize("shape", [(56, 84), (100, 150), (37, 300), (448, 448)])
@@ -15,15 +15,6 @@ def test_image_matches_transformers(shape):
     ours = VisualProcessor(max_pixels=28 * 28 * 64).image(image)
     np.testing.assert_array_equal(ours.grid_thw, want["image_grid_thw"][0])
     np.testing.assert_allclose(ours.pixel_values, want["pixel_values"], atol=1e-5)
-
-
-def test_smart_resize_hand_cases():
-    assert smart_resize(360, 640, 28, 56 * 56, 28 * 28 * 1280) == (364, 644)
-    h, w = smart_resize(1080, 1920, 28, 56 * 56, 28 * 28 * 256)  # over budget -> scaled down
-    assert h % 28 == 0 and w % 28 == 0 and h * w <= 28 * 28 * 256
-    assert smart_resize(10, 10, 28, 56 * 56, 10**6) == (56, 56)  # under budget -> scaled up
-    with pytest.raises(ValueError, match="aspect ratio"):
-        smart_resize(1, 500)
 
 
 def test_video_layout_and_odd_frame_count():

@@ -14,11 +14,15 @@ def write_tiny_tokenizer(path, vocab_size=280):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                         "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["when does the red circle move left", "a person opens the door"] * 50, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(
+        path
+    )
 
 
 @pytest.fixture()
@@ -48,8 +52,11 @@ def test_rows_initialised_to_mean_inside_existing_table(checkpoint):
     np.testing.assert_allclose(new_table[tok.ent_id], mean, atol=1e-7)
     np.testing.assert_allclose(new_table[tok.tst_id], mean, atol=1e-7)
     np.testing.assert_array_equal(new_table[: tok.base_vocab_size], table[: tok.base_vocab_size])
-    np.testing.assert_allclose(np.asarray(model.decoder.lm_head.kernel.get_value())[:, tok.ent_id],
-                               head[:, : tok.base_vocab_size].mean(1), atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(model.decoder.lm_head.kernel.get_value())[:, tok.ent_id],
+        head[:, : tok.base_vocab_size].mean(1),
+        atol=1e-7,
+    )
 
 
 def test_table_grows_when_ids_do_not_fit(checkpoint):

@@ -7,7 +7,6 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import jaxgrounding.model as jm
@@ -45,12 +44,16 @@ def test_export_round_trip_is_exact(checkpoint, tmp_path):
 
 def test_transformers_loads_our_export(checkpoint, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = jm.from_pretrained(checkpoint)
     jm.save_pretrained(model, str(tmp_path), max_shard_bytes=40_000)  # force a sharded export
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     torch_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
-    batch = ref.make_batch([[("text", 2), ("image", (1, 4, 4)), ("text", 3)]], rng=np.random.default_rng(0),
-                           patch_dim=model.config.vision.patch_dim)
+    batch = ref.make_batch(
+        [[("text", 2), ("image", (1, 4, 4)), ("text", 3)]],
+        rng=np.random.default_rng(0),
+        patch_dim=model.config.vision.patch_dim,
+    )
     positions, _ = rope_positions(batch["input_ids"], model.config, image_grid_thw=batch["image_grid_thw"])
     want, _ = ref.torch_forward(torch_model, batch, positions)
     np.testing.assert_allclose(np.asarray(model(**ref.ours_inputs(batch)).logits), want, atol=1e-4)
@@ -133,9 +136,10 @@ def test_nested_transformers5_names_are_accepted(checkpoint, tmp_path):
     def nest(t):
         for k in list(t):
             if k.startswith("model."):
-                t["model.language_model." + k[len("model."):]] = t.pop(k)
+                t["model.language_model." + k[len("model.") :]] = t.pop(k)
             elif k.startswith("visual."):
                 t["model." + k] = t.pop(k)
+
     _rewrite(dst, nest)
     a, b = _params(jm.from_pretrained(checkpoint)), _params(jm.from_pretrained(str(dst)))
     for k in a:

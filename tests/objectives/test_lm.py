@@ -23,8 +23,9 @@ def test_matches_numpy_and_gradients_match_dense(n, chunk):
     head = rng.standard_normal((e, v)).astype(np.float32)
     targets = rng.integers(0, v, n)
     weights = (rng.random(n) > 0.3).astype(np.float32)
-    total, count = chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets),
-                                         jnp.asarray(weights), chunk_size=chunk)
+    total, count = chunked_cross_entropy(
+        jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets), jnp.asarray(weights), chunk_size=chunk
+    )
     want_total, want_count = numpy_reference(hidden, head, targets, weights)
     np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
     assert float(count) == want_count

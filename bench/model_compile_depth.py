@@ -1,0 +1,112 @@
+"""Compile time of the jitted train step against decoder depth.
+
+The decoder's layers run in one `lax.scan`, so compiling 24 layers should cost about what 2
+cost. Prints one JSON line per depth (lower + compile seconds of forward + backward + AdamW)
+and the 24/2 ratio.
+
+    python bench/model_compile_depth.py --depths 2,24
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxgrounding.model import ModelConfig, VideoLLM
+from jaxgrounding.model.video_llm import ModelInputs
+from jaxgrounding.objectives.lm import next_token_loss
+
+
+def config_for(depth: int) -> ModelConfig:
+    hf = {
+        "model_type": "qwen2_5_vl",
+        "image_token_id": 1020,
+        "video_token_id": 1021,
+        "vision_start_token_id": 1022,
+        "text_config": {
+            "vocab_size": 1024,
+            "hidden_size": 256,
+            "intermediate_size": 768,
+            "num_hidden_layers": depth,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"mrope_section": [8, 12, 12], "rope_theta": 1e6},
+        },
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "out_hidden_size": 256,
+            "fullatt_block_indexes": [1],
+        },
+    }
+    return ModelConfig.from_hf_dict(hf)
+
+
+def compile_seconds(depth: int, batch: int, seq: int) -> float:
+    model = VideoLLM(config_for(depth), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = optax.adamw(1e-5)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, ids):
+        m = nnx.merge(graphdef, params)
+        inputs = ModelInputs.for_text(ids)
+        hidden = m.forward(inputs, logits=False).last_hidden_state
+        return next_token_loss(m, hidden, ids, inputs.attention_mask)[0]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    start = time.perf_counter()
+    step.lower(params, opt_state, ids).compile()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", default="2,24")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=512)
+    args = parser.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    common = {
+        "batch": args.batch,
+        "seq": args.seq,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    compile_seconds(depths[0], args.batch, args.seq)  # warm JAX's own caches and imports
+    seconds = {}
+    for depth in depths:
+        seconds[depth] = compile_seconds(depth, args.batch, args.seq)
+        print(json.dumps({**common, "layers": depth, "compile_s": seconds[depth]}), flush=True)
+    print(
+        json.dumps(
+            {
+                **common,
+                "metric": f"compile_s_{depths[-1]}_over_{depths[0]}",
+                "ratio": seconds[depths[-1]] / seconds[depths[0]],
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

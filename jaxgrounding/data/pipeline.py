@@ -1,0 +1,291 @@
+"""The grain input pipeline: samples -> decoded, tokenized, padded, batched arrays.
+
+Graph (``make_pipeline``)::
+
+  MapDataset.source(samples) -> shuffle(seed) -> [shard_index::shard_count]
+    -> repeat(num_epochs) -> decode + transform (a worker's job)
+    -> to_iter_dataset -> pad into buckets + batch (in the worker)
+    -> mp_prefetch(worker_count) -> skip accounting (main process)
+
+Shuffling is global and identical on every process, so the per-process slices are
+disjoint; grain folds the epoch into the seed, so each epoch has its own order.
+
+Broken videos: decoding raises ``VideoDecodeError``; with ``skip_bad_videos`` the
+example is dropped inside the worker, its path travels to the main process with the
+next batch (``_skipped``), and the iterator logs count and paths once an epoch is over
+(``iterator.epoch_reports``). Without it, the first bad video stops the run.
+
+Resumption: the returned iterator is a ``grain.DatasetIterator``; ``get_state`` /
+``set_state`` (JSON-able) and ``grain.checkpoint.CheckpointHandler`` (Orbax) restore it
+to yield exactly the batches the uninterrupted iterator would have yielded. Each
+worker batches its own slice, so batch composition depends on ``worker_count``: resume
+with the same count.
+"""
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Mapping, Protocol, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from jaxgrounding.data import padding
+from jaxgrounding.data import video as video_lib
+from jaxgrounding.data.sample import Sample
+
+
+class Transform(Protocol):
+    """Turns one decoded example into model inputs (tokenization lives here).
+
+    Arrays whose axis 0 varies between examples must have a bucket in
+    ``PipelineConfig.buckets``; everything else must have the same shape every time.
+    """
+
+    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]: ...
+
+
+def default_transform(sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+    """Frames, timestamps and windows as they are; no text (tests, benchmarks)."""
+    return {
+        "frames": video.frames,
+        "timestamps": video.timestamps.astype(np.float32),
+        "windows": np.asarray(sample.windows, np.float32).reshape(-1, 2),
+        "duration": np.float32(sample.duration),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline knobs.
+
+    batch_size: examples per batch on this process.
+    seed: shuffle seed (same on all processes).
+    num_epochs: passes over the data; None repeats forever.
+    shuffle: False keeps the source order (evaluation).
+    worker_count: decode processes; 0 decodes in the main process (threads only).
+    worker_buffer_size: batches each worker keeps ready.
+    read_threads, read_buffer: threads and look-ahead (examples) inside each worker;
+      the buffer holds decoded videos, so keep it small.
+    skip_bad_videos: drop and report undecodable videos (True) or raise (False).
+    drop_remainder: drop the last short batch instead of padding it.
+    buckets: allowed sizes of axis 0 per transform output key.
+    video: keyword arguments for ``read_video`` (fps, max_frames, size, ...).
+    shard_index, shard_count: this process's slice; None uses jax's process index/count.
+    """
+
+    batch_size: int = 8
+    seed: int = 0
+    num_epochs: int | None = 1
+    shuffle: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    read_buffer: int = 8
+    skip_bad_videos: bool = True
+    drop_remainder: bool = False
+    buckets: Mapping[str, Sequence[int]] = dataclasses.field(
+        default_factory=lambda: {"frames": (16, 32, 64), "timestamps": (16, 32, 64), "windows": (1, 4, 16)}
+    )
+    video: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"fps": 1.0, "max_frames": 64})
+    shard_index: int | None = None
+    shard_count: int | None = None
+
+
+# Keys that carry bookkeeping, not model inputs.
+_EPOCH, _SKIPPED, _BAD = "_epoch", "_skipped", "_bad"
+
+
+def _decode_and_transform(
+    index_and_item: tuple[int, Any],
+    *,
+    epoch_length: int,
+    video_options: Mapping[str, Any],
+    transform: Transform,
+    skip_bad_videos: bool,
+) -> dict[str, Any]:
+    index, item = index_and_item
+    epoch = index // epoch_length
+    # Pre-extracted records (TFDS with frames) arrive as (Sample, Video) pairs.
+    if isinstance(item, tuple):
+        sample, video = item
+    else:
+        sample = item
+        try:
+            video = video_lib.read_video(sample.video, **video_options)
+        except video_lib.VideoDecodeError as e:
+            if not skip_bad_videos:
+                raise
+            return {_EPOCH: epoch, _BAD: f"{sample.video}\t{e.reason}"}
+    return {_EPOCH: epoch, **transform(sample, video)}
+
+
+class _BatchIterator(grain.DatasetIterator):
+    """Batches good examples, forwards the bad ones' paths with the next batch.
+
+    Holds nothing between batches (every pulled example leaves with the batch it was
+    pulled for), so its state is its parent's.
+    """
+
+    def __init__(self, parent, batch_size, buckets, drop_remainder):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._buckets = buckets
+        self._drop_remainder = drop_remainder
+
+    def __next__(self):
+        examples, skipped, epochs = [], [], []
+        while len(examples) < self._batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                break
+            epoch = element.pop(_EPOCH)
+            if _BAD in element:
+                skipped.append(f"{epoch}\t{element[_BAD]}")
+            else:
+                examples.append(element)
+                epochs.append(epoch)
+        short = len(examples) < self._batch_size
+        if not examples or (short and self._drop_remainder):
+            if not skipped:
+                raise StopIteration
+            # Nothing to train on, but the skipped paths must still reach the report.
+            return {_SKIPPED: np.asarray(skipped, dtype=str), _EPOCH: np.int64(-1)}
+        batch = padding.pad_and_stack(examples, self._batch_size, self._buckets)
+        batch[_SKIPPED] = np.asarray(skipped, dtype=str)
+        batch[_EPOCH] = np.int64(min(epochs))
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _BatchDataset(grain.IterDataset):
+
+    def __init__(self, parent, batch_size, buckets, drop_remainder):
+        super().__init__(parent)
+        self._args = (batch_size, {k: tuple(v) for k, v in buckets.items()}, drop_remainder)
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), *self._args)
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """Yields batches; keeps and reports the skipped videos.
+
+    epoch_reports: one ``{"epoch", "count", "paths"}`` per finished epoch (logged).
+    skipped: every ``(epoch, path, reason)`` skipped so far.
+    """
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.skipped: list[tuple[int, str, str]] = []
+        self.epoch_reports: list[dict[str, Any]] = []
+        self._next_report = 0  # First epoch not yet reported.
+
+    def _report_until(self, epoch: int | None) -> None:
+        """Reports every epoch before ``epoch`` (all of them when None)."""
+        last = max([e for e, _, _ in self.skipped] + [self._next_report - 1])
+        stop = last + 1 if epoch is None else epoch
+        for e in range(self._next_report, stop):
+            paths = [p for pe, p, _ in self.skipped if pe == e]
+            report = {"epoch": e, "count": len(paths), "paths": paths}
+            self.epoch_reports.append(report)
+            if paths:
+                logging.warning("epoch %d: skipped %d undecodable videos: %s", e, len(paths), paths)
+        self._next_report = max(self._next_report, stop)
+
+    def __next__(self):
+        while True:
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                self._report_until(None)
+                raise
+            for entry in batch.pop(_SKIPPED).tolist():
+                epoch, path, reason = entry.split("\t", 2)
+                self.skipped.append((int(epoch), path, reason))
+            epoch = int(batch.pop(_EPOCH))
+            if epoch >= 0:
+                self._report_until(epoch)
+                return batch
+
+    def get_state(self):
+        return {
+            "parent": self._parent.get_state(),
+            "skipped": [list(s) for s in self.skipped],
+            "next_report": self._next_report,
+        }
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.skipped = [tuple(s) for s in state["skipped"]]
+        self._next_report = state["next_report"]
+        self.epoch_reports = []
+
+
+class _ReportDataset(grain.IterDataset):
+
+    def __iter__(self):
+        return PipelineIterator(self._parent.__iter__())
+
+
+def _shard(config: PipelineConfig) -> tuple[int, int]:
+    if config.shard_index is not None and config.shard_count is not None:
+        return config.shard_index, config.shard_count
+    import jax  # pylint: disable=g-import-not-at-top  # Only when sharding is implicit.
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_pipeline(
+    source: Sequence[Sample] | Sequence[tuple[Sample, video_lib.Video]],
+    config: PipelineConfig = PipelineConfig(),
+    transform: Transform = default_transform,
+) -> grain.IterDataset:
+    """Builds the dataset; ``iter(dataset)`` gives a ``PipelineIterator``.
+
+    Args:
+      source: random-access samples, or ``(Sample, Video)`` pairs when frames were
+        pre-extracted (then nothing is decoded).
+      config: see ``PipelineConfig``.
+      transform: model-side conversion to arrays (must be picklable for workers).
+    """
+    shard_index, shard_count = _shard(config)
+    ds = grain.MapDataset.source(source)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds[shard_index::shard_count]
+    epoch_length = len(ds)
+    if epoch_length == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of the source is empty")
+    ds = ds.repeat(config.num_epochs)
+    ds = ds.map_with_index(lambda i, item: (i, item))
+    ds = ds.map(
+        functools.partial(
+            _decode_and_transform,
+            epoch_length=epoch_length,
+            video_options=dict(config.video),
+            transform=transform,
+            skip_bad_videos=config.skip_bad_videos,
+        )
+    )
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
+    it = _BatchDataset(it, config.batch_size, config.buckets, config.drop_remainder)
+    if config.worker_count > 0:
+        # grain's worker processes read absl flags; outside an absl app (tests, notebooks)
+        # they were never parsed and the workers fail, so accept the defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.worker_count,
+                per_worker_buffer_size=config.worker_buffer_size,
+            )
+        )
+    return _ReportDataset(it)
