@@ -8,6 +8,7 @@ optimizer state sharded), `tensor` (heads / MLP / vocabulary split, Megatron sty
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import jax
@@ -49,10 +50,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not split into mesh {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, " f"have {len(devices)}"
-        )
+    if int(np.prod(sizes)) > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    devices = devices[: int(np.prod(sizes))]  # a smaller mesh uses the first devices
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -104,3 +104,26 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when the environment describes one (TPU pods, SLURM, or an
+    explicit coordinator); a single process does nothing. Must run before any other JAX call."""
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or "TPU_WORKER_HOSTNAMES" in env
+        and "," in env["TPU_WORKER_HOSTNAMES"]
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+    )
+    if "JAX_COORDINATOR_ADDRESS" in env:  # launch/local_multiprocess.sh, or any explicit launcher
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif multi:  # TPU pods and SLURM: JAX reads the topology from the environment itself
+        jax.distributed.initialize()
+        log.info(
+            "process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count()
+        )

@@ -165,7 +165,8 @@ class VideoLLM(nnx.Module):
             return embeds
         visual = self.visual(jnp.asarray(inputs.pixel_values), inputs.vision).astype(embeds.dtype)
         b, t, e = embeds.shape
-        return embeds.reshape(b * t, e).at[inputs.visual_slots].set(visual).reshape(b, t, e)
+        # Slots past the end (b * t) are padding frames of a bucketed batch: dropped.
+        return embeds.reshape(b * t, e).at[inputs.visual_slots].set(visual, mode="drop").reshape(b, t, e)
 
     def forward(self, inputs: ModelInputs, hidden_layers: Sequence[int] = (), *, logits: bool = True):
         """Full causal forward over the batch. Returns ModelOutput (logits None if not asked)."""
@@ -176,28 +177,40 @@ class VideoLLM(nnx.Module):
             logits=self.decoder.logits(final) if logits else None, hidden_states=hidden, last_hidden_state=final
         )
 
-    def prefill(self, inputs: ModelInputs, cache: KVCache):
-        """Runs the prompt into an empty cache. Returns (last-position logits [B, V], cache)."""
+    def prefill(self, inputs: ModelInputs, cache: KVCache, hidden_layers: Sequence[int] = ()):
+        """Runs the prompt into an empty cache; prompts may be left- or right-padded.
+
+        Returns (logits at each row's last real token [B, V], cache, {layer: hidden [B, T, E]}).
+        Decoding continues at slot T for every row; a right-padded row's padding slots stay
+        invisible (key_valid False) and its positions continue from its own last token.
+        """
         embeds = self.embed_inputs(inputs)
         mask = jnp.asarray(inputs.attention_mask)
         t = mask.shape[1]
         key_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.key_valid), mask, (0, 0))
         cache = dataclasses.replace(cache, key_valid=key_valid, length=jnp.zeros((), jnp.int32))
-        final, _, cache = self.decoder(embeds, jnp.asarray(inputs.positions), key_valid, cache)
+        final, hidden, cache = self.decoder(embeds, jnp.asarray(inputs.positions), key_valid, cache, hidden_layers)
         cache = dataclasses.replace(
             cache, length=jnp.asarray(t, jnp.int32), next_position=jnp.asarray(inputs.next_position, jnp.int32)
         )
-        return self.decoder.logits(final[:, -1]), cache
+        last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)
+        return self.decoder.logits(final[jnp.arange(final.shape[0]), last]), cache, hidden
 
-    def decode_step(self, tokens: jax.Array, cache: KVCache):
-        """Appends tokens [B] at slot `cache.length`. Returns (logits [B, V], cache)."""
+    def decode_step(self, tokens: jax.Array, cache: KVCache, hidden_layers: Sequence[int] = ()):
+        """Appends tokens [B] at slot `cache.length`.
+
+        Returns (logits [B, V], cache, {layer: hidden [B, E]}): the hidden states are those of
+        the appended token, i.e. the states that predict the *next* token.
+        """
         embeds = self.decoder.embed(tokens[:, None])
         positions = jnp.broadcast_to(cache.next_position[None, :, None], (3, tokens.shape[0], 1))
         key_valid = cache.key_valid.at[:, cache.length].set(True)
         cache = dataclasses.replace(cache, key_valid=key_valid)
-        final, _, cache = self.decoder(embeds, positions, key_valid, cache, causal_offset=cache.length)
+        final, hidden, cache = self.decoder(
+            embeds, positions, key_valid, cache, hidden_layers, causal_offset=cache.length
+        )
         cache = dataclasses.replace(cache, length=cache.length + 1, next_position=cache.next_position + 1)
-        return self.decoder.logits(final[:, 0]), cache
+        return self.decoder.logits(final[:, 0]), cache, {k: v[:, 0] for k, v in hidden.items()}
 
     def __call__(
         self,
@@ -232,13 +245,13 @@ def _jitted_forward(graphdef, state, inputs: ModelInputs, hidden_layers: tuple[i
     return nnx.merge(graphdef, state).forward(inputs, hidden_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, state, inputs: ModelInputs, cache: KVCache):
+@functools.partial(jax.jit, static_argnames=("graphdef", "hidden_layers"), donate_argnames=("cache",))
+def prefill(graphdef, state, inputs: ModelInputs, cache: KVCache, hidden_layers: tuple[int, ...] = ()):
     """Jitted `VideoLLM.prefill` over (graphdef, state) from `nnx.split(model)`."""
-    return nnx.merge(graphdef, state).prefill(inputs, cache)
+    return nnx.merge(graphdef, state).prefill(inputs, cache, hidden_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache):
+@functools.partial(jax.jit, static_argnames=("graphdef", "hidden_layers"), donate_argnames=("cache",))
+def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache, hidden_layers: tuple[int, ...] = ()):
     """Jitted `VideoLLM.decode_step` over (graphdef, state) from `nnx.split(model)`."""
-    return nnx.merge(graphdef, state).decode_step(tokens, cache)
+    return nnx.merge(graphdef, state).decode_step(tokens, cache, hidden_layers)

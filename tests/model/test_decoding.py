@@ -35,12 +35,17 @@ def test_cached_decoding_equals_full_forward(model, samples):
     graphdef, state = nnx.split(model)
     inputs = jm.prepare_inputs(model.config, **ref.ours_inputs(prompt))
     cache = jm.KVCache.zeros(model.config, batch=continuation.shape[0], max_length=32)
-    logits, cache = jm.prefill(graphdef, state, inputs, cache)
+    full_out = model(**full, hidden_layers=(-2,))
+    logits, cache, hidden = jm.prefill(graphdef, state, inputs, cache, (-2,))
     t = prompt["input_ids"].shape[1]
     np.testing.assert_allclose(np.asarray(logits), want[:, t - 1], atol=1e-4)
+    valid = prompt["attention_mask"].astype(bool)
+    full_hidden = np.asarray(full_out.hidden_states[-2])
+    np.testing.assert_allclose(np.asarray(hidden[-2])[valid], full_hidden[:, :t][valid], atol=1e-4)
     for step in range(continuation.shape[1]):
-        logits, cache = jm.decode_step(graphdef, state, continuation[:, step], cache)
+        logits, cache, hidden = jm.decode_step(graphdef, state, continuation[:, step], cache, (-2,))
         np.testing.assert_allclose(np.asarray(logits), want[:, t + step], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(hidden[-2]), full_hidden[:, t + step], atol=1e-4)
     assert int(cache.length) == t + continuation.shape[1]
 
 
@@ -48,8 +53,8 @@ def test_decode_step_compiles_once(model):
     graphdef, state = nnx.split(model)
     batch = ref.make_batch([[("text", 4)]], rng=np.random.default_rng(1), patch_dim=model.config.vision.patch_dim)
     cache = jm.KVCache.zeros(model.config, batch=1, max_length=16)
-    _, cache = jm.prefill(graphdef, state, jm.prepare_inputs(model.config, **ref.ours_inputs(batch)), cache)
+    _, cache, _ = jm.prefill(graphdef, state, jm.prepare_inputs(model.config, **ref.ours_inputs(batch)), cache)
     before = jm.decode_step._cache_size()
     for token in (5, 6, 7):
-        _, cache = jm.decode_step(graphdef, state, np.array([token]), cache)
+        _, cache, _ = jm.decode_step(graphdef, state, np.array([token]), cache)
     assert jm.decode_step._cache_size() - before <= 1

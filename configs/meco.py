@@ -1,0 +1,151 @@
+"""MeCo: structural tokens (<ent>/<tst>) with query-focused captions, LM + L_ST, frame assignment.
+
+    python -m jaxgrounding.train --config configs/meco.py --workdir runs/meco
+
+With no argument: a tiny Qwen2.5-VL trained from scratch on the built-in synthetic grounding set
+(minutes on one CPU machine). A real checkpoint and dataset:
+
+    python -m jaxgrounding.train --config configs/meco.py:model=qwen2_5_vl_3b,data=charades_sta \
+        --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct --config.data.root=/data/charades \
+        --workdir runs/meco
+"""
+
+import ml_collections
+
+from jaxgrounding.config import apply_presets
+
+PRESETS = {
+    "model": {
+        "tiny": {},
+        # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5,
+        # frozen vision tower, global batch 32, bf16 weights.
+        "qwen2_5_vl_3b": {
+            "model.dtype": "bfloat16",
+            "trainable.llm": "lora",
+            "trainable.vision": False,
+            "optimizer.learning_rate": 2e-5,
+            "optimizer.lora_learning_rate": 5e-5,
+            "train.batch_size": 32,
+            "data.frame_size": (252, 448),
+            "data.fps": 1.0,
+            "data.max_frames": 128,
+            "encoder.max_tokens": 8192,
+        },
+        "qwen2_5_vl_7b": {
+            "model.dtype": "bfloat16",
+            "trainable.llm": "lora",
+            "trainable.vision": False,
+            "optimizer.learning_rate": 2e-5,
+            "optimizer.lora_learning_rate": 5e-5,
+            "train.batch_size": 32,
+            "data.frame_size": (252, 448),
+            "data.fps": 1.0,
+            "data.max_frames": 128,
+            "encoder.max_tokens": 8192,
+        },
+    },
+    "data": {
+        "synthetic": {},
+        "charades_sta": {
+            "data.name": "charades_sta",
+            "data.train_annotations": "charades_sta_train.txt",
+            "data.eval_annotations": "charades_sta_test.txt",
+            "data.video_root": "videos",
+            "data.durations": "Charades_v1_test.csv",
+        },
+        "qvhighlights": {
+            "data.name": "qvhighlights",
+            "data.train_annotations": "highlight_train_release.jsonl",
+            "data.eval_annotations": "highlight_val_release.jsonl",
+            "data.video_root": "videos",
+        },
+        "activitynet": {
+            "data.name": "activitynet",
+            "data.train_annotations": "train.json",
+            "data.eval_annotations": "val_2.json",
+            "data.video_root": "videos",
+        },
+    },
+}
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.method = "meco"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.checkpoint = ""  # HF checkpoint dir; "" builds the tiny default in the workdir
+    config.model.dtype = "float32"  # parameter dtype
+    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
+    config.model.tiny = ml_collections.ConfigDict({"hidden": 128, "layers": 4, "vision_depth": 2, "vision_hidden": 64})
+
+    config.trainable = ml_collections.ConfigDict()
+    config.trainable.llm = "full"  # "full" | "lora" | "frozen"
+    config.trainable.vision = True  # the tiny model starts from random weights: train its eyes too
+    config.trainable.embeddings = "new_tokens"  # with LoRA / frozen LLM: train only the <ent>/<tst> rows
+
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 128
+    config.lora.alpha = 256.0
+    config.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "synthetic"  # or a format of jaxgrounding.data.load_annotations
+    config.data.root = ""  # dataset directory; "" = workdir/../data/synthetic for the synthetic set
+    config.data.train_annotations = ""
+    config.data.eval_annotations = ""
+    config.data.video_root = ""
+    config.data.durations = ""
+    config.data.fps = 1.0
+    config.data.max_frames = 64
+    config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)
+    config.data.workers = 0  # grain decode processes (0 = in the training process)
+    config.data.synthetic_train_videos = 500
+    config.data.synthetic_eval_videos = 100
+    # jaxgrounding.data.synthetic_scenes.SceneConfig overrides for the synthetic set.
+    config.data.scene = ml_collections.ConfigDict({"max_events": 2})
+
+    config.encoder = ml_collections.ConfigDict()
+    config.encoder.task = "grounding"
+    config.encoder.max_tokens = 2048
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 8
+    config.train.steps = 2000
+    config.train.accumulate = 1
+    config.train.st_weight = 1.0
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+    config.train.export = True  # workdir/export: the merged model as an HF checkpoint
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.lora_learning_rate = 1e-3
+    config.optimizer.warmup_fraction = 0.03
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.grad_clip = 1.0
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.max_new_tokens = 48
+    config.sampling.temperature = 0.0  # greedy at evaluation (MeCo samples at 0.2)
+    config.sampling.top_p = 1.0
+
+    config.assignment = ml_collections.ConfigDict()
+    config.assignment.threshold = 0.7
+    config.assignment.dilation = 1
+    config.assignment.nms_iou = 0.7
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 16
+    config.eval.max_samples = 0  # 0 = the whole split
+    config.eval.inclusive = True  # R1@m counts IoU >= m (Invert4TVG) rather than > m (Time-R1)
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = 1
+    config.mesh.fsdp = -1  # the remaining devices
+    config.mesh.tensor = 1
+
+    return apply_presets(config, arg, PRESETS)

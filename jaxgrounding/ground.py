@@ -1,0 +1,112 @@
+"""Ground one query in one video with a trained workdir.
+
+    python -m jaxgrounding.ground --model runs/meco --video clip.mp4 --query "when does the door open?" \
+        [--fps 1] [--json] [--plot similarity.png]
+
+Prints the ranked windows (seconds) and the generated text; --plot draws each generated
+structural token's similarity to every frame over time, with the predicted windows shaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app, flags
+
+from jaxgrounding import data as data_lib
+from jaxgrounding import inference, sampling
+from jaxgrounding.data.padding import pad_and_stack
+from jaxgrounding.data.sample import Sample
+from jaxgrounding.tasks.encoding import StructuralEncoder
+from jaxgrounding.training import experiment
+
+_MODEL = flags.DEFINE_string("model", None, "A workdir written by jaxgrounding.train.", required=True)
+_VIDEO = flags.DEFINE_string("video", None, "Video file.", required=True)
+_QUERY = flags.DEFINE_string("query", None, "What to find.", required=True)
+_FPS = flags.DEFINE_float("fps", None, "Sampling rate (default: the training config's).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+_PLOT = flags.DEFINE_string("plot", None, "Write a PNG of similarity over time with the windows marked.")
+
+
+def plot(prediction: inference.Prediction, duration: float, query: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    centers = prediction.frame_times + prediction.frame_duration / 2
+    for k, kind in enumerate(prediction.kinds):
+        style = "-" if kind == "ent" else ":"
+        ax.plot(centers, prediction.similarity[k], style, marker=".", label=f"<{kind}> #{k}")
+    for rank, w in enumerate(prediction.windows):
+        ax.axvspan(w.start, w.end, alpha=0.25 if rank == 0 else 0.1, color="tab:green")
+        ax.text(w.start, ax.get_ylim()[1], f"#{rank + 1} {w.start:.1f}-{w.end:.1f}s", va="top", fontsize=8)
+    ax.set_xlim(0, duration)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("token-frame similarity")
+    ax.set_title(query, fontsize=10)
+    if prediction.kinds:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    config = experiment.load_workdir_config(_MODEL.value)
+    fps = _FPS.value or config.data.fps
+    model, tokenizer, checkpoint_dir, _ = experiment.restore_model(config, _MODEL.value)
+    video = data_lib.read_video(_VIDEO.value, fps=fps, max_frames=config.data.max_frames)
+    sample = Sample(
+        id=os.path.basename(_VIDEO.value), video=_VIDEO.value, duration=float(video.duration), query=_QUERY.value
+    )
+    encoder = StructuralEncoder(checkpoint_dir, experiment.encoder_config(config, train=False))
+    example = encoder.encode_prompt(sample, video)
+    pipeline = experiment.pipeline_config(config, train=False, batch_size=1)
+    batch = pad_and_stack([example], 1, pipeline.buckets)
+    sampling_config = sampling.SamplingConfig(
+        max_new_tokens=config.sampling.max_new_tokens,
+        temperature=config.sampling.temperature,
+        top_p=config.sampling.top_p,
+    )
+    assignment = inference.AssignmentConfig(
+        threshold=config.assignment.threshold or None,
+        dilation=config.assignment.dilation,
+        nms_iou=config.assignment.nms_iou,
+    )
+    (prediction,) = inference.predict(
+        model,
+        batch,
+        tokenizer,
+        tuple(config.data.frame_size),
+        sampling_config,
+        assignment,
+        rng=jax.random.key(config.seed),
+    )
+    windows = [
+        {"start": round(w.start, 2), "end": round(w.end, 2), "score": round(float(w.score), 4)}
+        for w in prediction.windows
+    ]
+    if _PLOT.value:
+        plot(prediction, float(video.duration), _QUERY.value, _PLOT.value)
+    if _JSON.value:
+        print(
+            json.dumps(
+                {"query": _QUERY.value, "duration": float(video.duration), "windows": windows, "text": prediction.text}
+            )
+        )
+        return
+    print(f"query: {_QUERY.value}  ({video.duration:.1f} s, {len(video.timestamps)} frames at {fps:g} fps)")
+    for rank, w in enumerate(windows, 1):
+        print(f"  #{rank}: {w['start']:7.2f} s - {w['end']:7.2f} s   score {w['score']:.3f}")
+    print(f"generated: {prediction.text!r}")
+    if _PLOT.value:
+        print(f"plot: {_PLOT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

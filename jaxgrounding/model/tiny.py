@@ -1,0 +1,152 @@
+"""A tiny, randomly initialised Qwen2.5-VL checkpoint directory, for the default configs and tests.
+
+No weights can be downloaded in every setting we support (CI, laptops, air-gapped clusters), so
+the default runs start from a checkpoint directory this module writes in the HF layout a real
+one has: `config.json` + `model.safetensors` + a tokenizer (a byte-level BPE trained on the
+task's own texts, with Qwen's chat special tokens and a Qwen-style chat template) +
+`preprocessor_config.json`. Everything downstream then takes exactly the code path a real
+Qwen2.5-VL checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+from flax import nnx
+
+# Qwen's chat format, trimmed to what grounding prompts use (one system turn, user turns with a
+# video, assistant turns).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def write_tokenizer(path: str, texts: Iterable[str], vocab_size: int = 1024) -> None:
+    """Trains a byte-level BPE on `texts` and saves it as an HF tokenizer in `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(path)
+
+
+def tiny_hf_config(
+    token_ids: dict[str, int],
+    vocab_size: int,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    vision_depth: int = 2,
+    vision_hidden: int = 64,
+) -> dict:
+    """config.json of a small Qwen2.5-VL; the vision window covers a whole 56 px frame."""
+    head_dim = 32
+    heads = hidden // head_dim
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen2_5_vl_text",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": 3 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            "bos_token_id": token_ids["<|endoftext|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+        },
+        "vision_config": {
+            "model_type": "qwen2_5_vl_vision",
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_heads": max(1, vision_hidden // 32),
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [vision_depth - 1],
+            "tokens_per_second": 2,
+            "in_channels": 3,
+            "hidden_act": "silu",
+        },
+    }
+
+
+def build_tiny_checkpoint(path: str, texts: Iterable[str], *, seed: int = 0, max_pixels: int = 56 * 56, **sizes) -> str:
+    """Writes a complete tiny checkpoint directory to `path` (idempotent: reuses a finished one)."""
+    from jaxgrounding.model.config import ModelConfig
+    from jaxgrounding.model.video_llm import VideoLLM
+    from jaxgrounding.model.weights import save_pretrained
+    from transformers import AutoTokenizer
+
+    done = os.path.join(path, "model.safetensors")
+    if os.path.isfile(done):
+        return path
+    os.makedirs(path, exist_ok=True)
+    write_tokenizer(path, texts)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # Room for <ent>/<tst> and a multiple of 64 rows, as real checkpoints pad their tables.
+    vocab = -(-(len(tokenizer) + 2) // 64) * 64
+    hf = tiny_hf_config(ids, vocab, **sizes)
+    model = VideoLLM(ModelConfig.from_hf_dict(hf), rngs=nnx.Rngs(seed))
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(
+            {
+                "patch_size": 14,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "min_pixels": 56 * 56,
+                "max_pixels": max_pixels,
+            },
+            f,
+            indent=2,
+        )
+    save_pretrained(model, path)  # writes model.safetensors last: its presence marks completion
+    return path

@@ -1,0 +1,165 @@
+"""Sample + decoded Video -> the arrays of one structural-token (MeCo) example, in numpy.
+
+This is the model-side transform of the grain pipeline (it runs in the data workers):
+
+- frames are resized to one fixed size (so every example has the same patch grid per frame and
+  batches differ only in frame count, which the pipeline pads to a bucket) and cut into
+  Qwen2-VL patches by `VisualProcessor`;
+- the prompt is the checkpoint's chat template with the video placeholder expanded to one
+  `<|video_pad|>` per visual token, followed by a task instruction;
+- the response is MeCo's structural text (`tasks.structural.structural_response`) ended by the
+  template's end-of-turn token; the LM loss covers the response only;
+- for L_ST: the position that predicts each structural token, its kind, and the range of
+  temporal grids ("frames" of the model) its window covers; which grid each visual token
+  belongs to;
+- M-RoPE positions (absolute time from the true sampled fps) are computed here, on the host.
+
+A "frame" of the model is one temporal grid: `temporal_patch_size` consecutive sampled frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from jaxgrounding.model.config import ModelConfig
+from jaxgrounding.model.positions import rope_positions
+from jaxgrounding.model.processor import VisualProcessor
+from jaxgrounding.model.tokenizer import load_tokenizer
+from jaxgrounding.tasks import structural, templates
+
+KIND_IDS = {"ent": 1, "tst": 2}  # 0 is padding
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """task: instruction family (templates.TASKS); frame_size: (H, W) every frame is resized to
+    (multiples of 28); max_tokens: longest sequence allowed; random_instruction: draw the
+    instruction phrasing at random (training) or take the first (evaluation)."""
+
+    task: str = "grounding"
+    frame_size: tuple[int, int] = (56, 56)
+    max_tokens: int = 2048
+    random_instruction: bool = True
+    seed: int = 0
+
+
+class StructuralEncoder:
+    """Picklable (grain workers): holds the checkpoint path, loads tokenizer and config lazily."""
+
+    def __init__(self, checkpoint: str, config: EncoderConfig = EncoderConfig()):
+        self.checkpoint = checkpoint
+        self.config = config
+        self._loaded = None
+
+    def __getstate__(self):
+        return {"checkpoint": self.checkpoint, "config": self.config, "_loaded": None}
+
+    def _load(self):
+        if self._loaded is None:
+            tokenizer = load_tokenizer(self.checkpoint)
+            model_config = ModelConfig.from_pretrained(self.checkpoint)
+            processor = VisualProcessor.from_pretrained(
+                self.checkpoint, max_pixels=max(self.config.frame_size[0] * self.config.frame_size[1], 56 * 56)
+            )
+            self._loaded = (tokenizer, model_config, processor)
+        return self._loaded
+
+    @property
+    def tokenizer(self):
+        return self._load()[0]
+
+    # ------------------------------------------------------------------------------------------
+
+    def _visual(self, video):
+        _, _, processor = self._load()
+        frames = np.asarray(video.frames)
+        h, w = self.config.frame_size
+        if frames.shape[1:3] != (h, w):
+            frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in frames])
+        return processor.video(frames, fps=float(video.fps))
+
+    def _prompt_ids(self, instruction: str, num_visual_tokens: int) -> list[int]:
+        tokenizer, config, _ = self._load()
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
+        text = tokenizer.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pad = "<|video_pad|>"
+        if text.count(pad) != 1:
+            raise ValueError(f"{self.checkpoint}: the chat template must place exactly one {pad} per video")
+        text = text.replace(pad, pad * num_visual_tokens)
+        return tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _instruction(self, sample) -> str:
+        rng = None
+        if self.config.random_instruction:
+            # crc32, not hash(): Python salts str hashes per process, and workers must agree.
+            rng = np.random.default_rng([self.config.seed, zlib.crc32(sample.id.encode())])
+        return templates.instruction(self.config.task, sample.query, rng)
+
+    def encode_prompt(self, sample, video) -> dict[str, np.ndarray]:
+        """Inference inputs: the prompt only, plus what is needed to read the answer back."""
+        _, config, _ = self._load()
+        visual = self._visual(video)
+        ids = np.asarray(self._prompt_ids(self._instruction(sample), visual.num_tokens), np.int32)
+        return self._common(ids, visual, video, config) | {"duration": np.float32(sample.duration)}
+
+    def __call__(self, sample, video) -> dict[str, np.ndarray]:
+        """Training example (see module docstring)."""
+        tokenizer, config, _ = self._load()
+        visual = self._visual(video)
+        prompt = self._prompt_ids(self._instruction(sample), visual.num_tokens)
+        text, tokens = structural.structural_response(sample.windows, sample.captions, sample.duration)
+        response = tokenizer.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids = np.asarray(prompt + response, np.int32)
+        if ids.shape[0] > self.config.max_tokens:
+            raise ValueError(
+                f"sample {sample.id}: {ids.shape[0]} tokens exceed max_tokens={self.config.max_tokens} "
+                "(lower the fps / max_frames or the frame size)"
+            )
+        loss_mask = np.zeros(ids.shape, bool)
+        loss_mask[len(prompt) :] = True
+
+        kind_of_id = {tokenizer.ent_id: "ent", tokenizer.tst_id: "tst"}
+        where = [i for i in range(len(prompt), len(ids)) if int(ids[i]) in kind_of_id]
+        if [kind_of_id[int(ids[i])] for i in where] != [t.kind for t in tokens]:
+            raise ValueError(f"sample {sample.id}: structural tokens of the response did not tokenize as single tokens")
+        example = self._common(ids, visual, video, config)
+        targets = structural.token_frame_targets(tokens, example["grid_times"], float(example["grid_duration"]))
+        ranges = np.zeros((len(tokens), 2), np.int32)
+        for k, row in enumerate(targets):
+            covered = np.flatnonzero(row > 0)
+            ranges[k] = (covered[0], covered[-1])
+        return example | {
+            "loss_mask": loss_mask,
+            # The state that predicts token i sits at position i - 1 (MeCo eq. 4).
+            "struct_positions": np.asarray(where, np.int32) - 1,
+            "struct_kinds": np.asarray([KIND_IDS[t.kind] for t in tokens], np.int32),
+            "struct_ranges": ranges,
+            "windows": np.asarray(sample.windows, np.float32).reshape(-1, 2),
+            "duration": np.float32(sample.duration),
+            "id": np.asarray(sample.id),
+        }
+
+    def _common(self, ids, visual, video, config: ModelConfig) -> dict[str, np.ndarray]:
+        grid = visual.grid_thw
+        positions, _ = rope_positions(
+            ids[None], config, video_grid_thw=grid[None], second_per_grid_ts=np.array([visual.second_per_grid])
+        )
+        tokens_per_grid = int(grid[1] * grid[2]) // config.vision.spatial_merge_size**2
+        frame_of_token = np.full(ids.shape, -1, np.int32)
+        video_slots = np.flatnonzero(ids == config.video_token_id)
+        frame_of_token[video_slots] = np.arange(video_slots.shape[0]) // tokens_per_grid
+        # A grid starts at its first sampled frame; padding frames (odd counts) repeat the last one.
+        timestamps = np.asarray(video.timestamps, np.float32)
+        grid_times = timestamps[:: config.vision.temporal_patch_size][: int(grid[0])]
+        return {
+            "input_ids": ids,
+            "positions": positions[:, 0].T.copy(),  # [T, 3] so the pipeline pads along time
+            "frame_of_token": frame_of_token,
+            "pixel_values": visual.pixel_values.astype(np.float32),
+            "grid_times": grid_times,
+            "grid_duration": np.float32(visual.second_per_grid),  # seconds one grid spans
+        }

@@ -1,0 +1,160 @@
+"""Train a grounding model, checkpoint it, evaluate it.
+
+    python -m jaxgrounding.train --config configs/meco.py --workdir runs/meco [--config.a.b=value ...]
+
+The workdir gets: config.json (the resolved config), checkpoints/ (Orbax; a run started on a
+workdir with checkpoints resumes from the latest), tb/ (TensorBoard events),
+train_metrics.jsonl (one line per logged step), eval/metrics.json and eval/predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+
+from jaxgrounding import data as data_lib
+from jaxgrounding import parallel
+from jaxgrounding.tasks.encoding import StructuralEncoder
+from jaxgrounding.training import experiment
+from jaxgrounding.training.checkpoint import Checkpointer, TrainState
+from jaxgrounding.training.sft import SFTTrainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.", required=True)
+
+log = logging.getLogger(__name__)
+
+
+def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) training, then evaluates. `stop_after` ends the loop early at that step
+    without the final save or evaluation, as a kill would (used to test resumption)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    # --- Mesh ------------------------------------------------------------------------------------
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+    # --- Data --------------------------------------------------------------------------------------
+    train_samples, eval_samples = experiment.load_samples(config, workdir)
+    checkpoint_dir = experiment.resolve_checkpoint(config, workdir, train_samples)
+    encoder = StructuralEncoder(checkpoint_dir, experiment.encoder_config(config, train=True))
+    global_batch = config.train.batch_size
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % data_parallel or global_batch % jax.process_count():
+        raise ValueError(
+            f"train.batch_size {global_batch} must be divisible by the data-parallel size {data_parallel} "
+            f"(mesh {dict(mesh.shape)}) and by the {jax.process_count()} processes"
+        )
+    pipeline = experiment.pipeline_config(config, train=True, batch_size=global_batch // jax.process_count())
+    batches = iter(data_lib.make_pipeline(train_samples, pipeline, encoder))
+
+    # --- Model, optimizer --------------------------------------------------------------------------
+    with jax.set_mesh(mesh):
+        model, tokenizer = experiment.build_model(config, checkpoint_dir, mesh=mesh)
+        trainer = SFTTrainer(
+            model,
+            experiment.sft_config(config),
+            tuple(config.data.frame_size),
+            [tokenizer.ent_id, tokenizer.tst_id],
+            mesh=mesh,
+        )
+    del model
+
+    # --- Checkpoint: resume from the latest if there is one ---------------------------------------
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+    )
+    checkpointer.install_sigterm_handler()
+    state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=0, rng=jax.random.key(config.seed))
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(state, batches)
+        trainer.trainable, trainer.opt_state = state.params, state.opt_state
+        start = int(state.step)
+        log.info("resumed from step %d", start)
+
+    # --- Loop --------------------------------------------------------------------------------------
+    writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
+    metrics_file = open(os.path.join(workdir, "train_metrics.jsonl"), "a")
+    bar = tqdm.tqdm(
+        total=config.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
+    )
+    step, tick = start, time.perf_counter()
+    try:
+        while step < config.train.steps:
+            batch = next(batches)
+            with jax.set_mesh(mesh):
+                metrics = trainer.step(batch)
+            step += 1
+            if not np.isfinite(metrics["loss"]):
+                ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]
+                # Nothing is saved: the last checkpoint is the last good state.
+                raise FloatingPointError(f"step {step}: loss is {metrics['loss']} on samples {ids}; stopping")
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", lm=f"{metrics['lm_loss']:.3f}", st=f"{metrics['st_loss']:.3f}"
+            )
+            if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
+                seconds = time.perf_counter() - tick
+                metrics |= {"step": step, "steps_per_s": (step - start) / max(seconds, 1e-9)}
+                metrics_file.write(json.dumps(metrics) + "\n")
+                log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+                metrics_file.flush()
+                if writer:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+            state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=step, rng=state.rng)
+            preempted = checkpointer.preemption_requested
+            checkpointer.maybe_save(step, state, batches, force=preempted or step == config.train.steps)
+            if preempted:
+                log.warning("SIGTERM: saved step %d, exiting", step)
+                break
+            if stop_after is not None and step >= stop_after:
+                break
+    finally:
+        # A save in flight completes (it holds a good state) before the run ends, error or not.
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        metrics_file.close()
+    if step < config.train.steps:
+        return {}
+
+    # --- Export, evaluation ------------------------------------------------------------------------
+    if config.train.export and jax.process_index() == 0:
+        experiment.export_hf(trainer.model(), tokenizer, os.path.join(workdir, "export"))
+    with jax.set_mesh(mesh):
+        result = experiment.evaluate(
+            trainer.model(), tokenizer, eval_samples, checkpoint_dir, config, os.path.join(workdir, "eval")
+        )
+    if writer:
+        for k, v in result.items():
+            if isinstance(v, (int, float)):
+                writer.add_scalar(f"eval/{k}", v, step)
+        writer.close()
+    log.info("eval: %s", json.dumps(result))
+    print(json.dumps({"eval": result}), flush=True)
+    return result
+
+
+def main(argv):
+    del argv
+    parallel.initialize_distributed()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: the SFT and GRPO loops, optimizer set-up and Orbax checkpointing."""

@@ -1,0 +1,205 @@
+"""Supervised fine-tuning with MeCo's objective: LM loss on the response + lambda * L_ST.
+
+`GroundingModel` = the VideoLLM + MeCo's projector heads. A pipeline batch (see
+`tasks.encoding` and `data.padding`: right-padded, fixed shapes per bucket) becomes
+`ModelInputs` inside the jitted step (`batch_inputs`); the step computes
+
+    loss = LM(response tokens) + st_weight * L_ST(structural tokens vs frames)
+
+and applies one AdamW update to the trainable parameters (`optim.trainable_filter`), with
+optional gradient accumulation over micro-batches (a `lax.scan`, so memory is one micro-batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxgrounding.model.config import ModelConfig, VisionConfig
+from jaxgrounding.model.video_llm import ModelInputs, VideoLLM
+from jaxgrounding.model.vision import vision_plan
+from jaxgrounding.objectives.lm import next_token_loss
+from jaxgrounding.objectives.structural import StructuralHeads, gather_states, pool_frame_states, structural_loss
+from jaxgrounding.training import optim
+
+
+class GroundingModel(nnx.Module):
+    """The video-LLM plus MeCo's frame / structural-token projector heads and logit scale."""
+
+    def __init__(self, llm: VideoLLM, *, rngs: nnx.Rngs):
+        self.llm = llm
+        self.heads = StructuralHeads(llm.config.text.hidden_size, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(batch: int, grids: int, grid_h: int, grid_w: int, vision: VisionConfig) -> dict:
+    return vision_plan(np.array([[grids, grid_h, grid_w]] * batch), vision).as_arrays()
+
+
+def batch_plan(batch: dict, config: ModelConfig, frame_size: tuple[int, int]) -> dict:
+    """The vision tower's attention plan for a bucketed batch (host side, cached per shape):
+    every example has `grid_times.shape[1]` temporal grids of frame_size / patch_size patches."""
+    b, grids = np.shape(batch["grid_times"])
+    p = config.vision.patch_size
+    return _plan(b, grids, frame_size[0] // p, frame_size[1] // p, config.vision)
+
+
+def batch_inputs(batch: dict, config: ModelConfig, plan: dict) -> ModelInputs:
+    """Pipeline batch -> ModelInputs (traceable).
+
+    The k-th visual embedding of example b goes to the k-th `<|video_pad|>` of its text;
+    embeddings of padding frames (beyond the example's own frame count) find no placeholder
+    and are dropped.
+    """
+    ids = batch["input_ids"]
+    b, t = ids.shape
+    mask = batch["input_ids_mask"] & batch["valid"][:, None]
+    pixels = batch["pixel_values"]
+    per_example = pixels.shape[1] // config.vision.spatial_merge_size**2
+    is_video = (ids == config.video_token_id) & mask
+    slots = jax.vmap(lambda row: jnp.nonzero(row, size=per_example, fill_value=t)[0])(is_video)
+    flat_slots = jnp.where(slots < t, jnp.arange(b)[:, None] * t + slots, b * t).reshape(-1)
+    positions = jnp.moveaxis(batch["positions"], -1, 0)
+    return ModelInputs(
+        input_ids=ids,
+        attention_mask=mask,
+        positions=positions,
+        next_position=jnp.max(positions, axis=(0, 2)) + 1,
+        pixel_values=pixels.reshape(-1, pixels.shape[-1]),
+        vision=plan,
+        visual_slots=flat_slots,
+    )
+
+
+def frame_targets(ranges_bk2: jax.Array, frame_valid_bf: jax.Array) -> jax.Array:
+    """Uniform targets over each token's range of frames [first, last]: [B, K, F]."""
+    f = jnp.arange(frame_valid_bf.shape[1])
+    inside = (f >= ranges_bk2[..., :1]) & (f <= ranges_bk2[..., 1:]) & frame_valid_bf[:, None, :]
+    inside = inside.astype(jnp.float32)
+    return inside / jnp.maximum(jnp.sum(inside, axis=-1, keepdims=True), 1.0)
+
+
+def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float):
+    """Returns (total loss, metrics dict) for one batch."""
+    config = model.llm.config
+    inputs = batch_inputs(batch, config, plan)
+    out = model.llm.forward(inputs, hidden_layers=(-2, -1), logits=False)
+    mask = inputs.attention_mask
+    lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
+    frame_of_token = jnp.where(mask, batch["frame_of_token"], -1)
+    frame_states, frame_valid = pool_frame_states(out.hidden_states[-1], frame_of_token, batch["grid_times"].shape[1])
+    token_states = gather_states(out.hidden_states[-2], batch["struct_positions"])
+    logits = model.heads(token_states, frame_states)
+    kinds = batch["struct_kinds"] * batch["struct_positions_mask"] * batch["valid"][:, None]
+    st = structural_loss(logits, kinds, frame_targets(batch["struct_ranges"], frame_valid), frame_valid)
+    total = lm + st_weight * st["loss"]
+    metrics = {
+        "loss": total,
+        "lm_loss": lm,
+        "st_loss": st["loss"],
+        "ent_loss": st["ent_loss"],
+        "tst_loss": st["tst_loss"],
+        "tokens": tokens,
+        "logit_scale": jnp.exp(model.heads.logit_scale[...]),
+    }
+    return total, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    st_weight: float = 1.0  # lambda: L_ST weight (MeCo: 1)
+    accumulate: int = 1  # micro-batches per update
+    trainable: optim.TrainableConfig = optim.TrainableConfig()
+    optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+
+
+def _device_batch(batch: dict) -> dict:
+    """Only numeric arrays go to the device (ids, strings and bookkeeping stay on the host)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
+class SFTTrainer:
+    """Holds the split model, optimizer state and the jitted step.
+
+    trainable: nnx State of the parameters that train; frozen: everything else (never copied
+    into the optimizer). `step(batch)` returns host metrics; `model()` reassembles the model.
+    """
+
+    def __init__(
+        self, model: GroundingModel, config: SFTConfig, frame_size: tuple[int, int], new_token_ids=(), mesh=None
+    ):
+        self.config = config
+        self.mesh = mesh
+        self.frame_size = tuple(frame_size)
+        self.graphdef, self.trainable, self.frozen = nnx.split(model, optim.trainable_filter(config.trainable), ...)
+        if not jax.tree.leaves(self.trainable):
+            raise ValueError("nothing to train: the trainable filter selected no parameters")
+        self.optimizer = optim.make_optimizer(config.optimizer, self.trainable)
+        # An abstract model (nnx.eval_shape) gets an abstract optimizer state: compile-only uses.
+        abstract = isinstance(jax.tree.leaves(self.trainable)[0], jax.ShapeDtypeStruct)
+        init = jax.eval_shape if abstract else (lambda f, x: f(x))
+        self.opt_state = init(self.optimizer.init, self.trainable)
+        self.model_config = model.llm.config
+        mask_rows = config.trainable.llm != "full" and config.trainable.embeddings == "new_tokens"
+        self._row_mask = (tuple(int(i) for i in new_token_ids), mask_rows)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+
+    def model(self) -> GroundingModel:
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+    def _loss(self, trainable, frozen, batch, plan):
+        return sft_loss(nnx.merge(self.graphdef, trainable, frozen), batch, plan, self.config.st_weight)
+
+    def _train_step(self, trainable, opt_state, frozen, batch, plan):
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        accumulate = self.config.accumulate
+        if accumulate == 1:
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, plan)
+        else:
+            # [B, ...] -> [A, B / A, ...]; the vision plan is per micro-batch already.
+            micro = jax.tree.map(lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:]), batch)
+
+            def body(acc, mb):
+                (_, m), g = grad_fn(trainable, frozen, mb, plan)
+                return jax.tree.map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            first = jax.tree.map(lambda x: x[0], micro)
+            zero_metrics = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, frozen, first, plan)[0][1])
+            )
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), micro)
+            grads = jax.tree.map(lambda g: g / accumulate, grads)
+            metrics = jax.tree.map(lambda m: m / accumulate, metrics)
+        grads = optim.mask_token_rows(grads, *self._row_mask)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, metrics
+
+    def lower(self, batch: dict):
+        """`jax.jit(...).lower` of the train step for `batch` (arrays or ShapeDtypeStructs)."""
+        plan = batch_plan(batch, self.model_config, self.frame_size)
+        return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan)
+
+    def step(self, batch: dict) -> dict[str, float]:
+        batch = _device_batch(batch)
+        if self.mesh is not None:
+            # Each process holds its slice of the global batch; shard it over the data axes.
+            sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+            batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        b = batch["valid"].shape[0]
+        if b % self.config.accumulate:
+            raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
+        micro = dict(batch)
+        micro["grid_times"] = np.zeros((b // self.config.accumulate, batch["grid_times"].shape[1]))
+        plan = batch_plan(micro, self.model_config, self.frame_size)
+        self.trainable, self.opt_state, metrics = self._step(self.trainable, self.opt_state, self.frozen, batch, plan)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,84 @@
+"""The SFT step on real encoded synthetic batches: accumulation, sharding-agnostic inputs, NaN stop."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgrounding import data as data_lib
+from jaxgrounding.training import experiment
+from jaxgrounding.training.sft import SFTTrainer, _device_batch, batch_inputs, batch_plan
+from tests.test_train import micro_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    config = micro_config(root / "data")
+    workdir = str(root / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    from jaxgrounding.tasks.encoding import StructuralEncoder
+
+    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
+    pipeline = experiment.pipeline_config(config, train=True, batch_size=2)
+    batch = next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
+    return config, checkpoint, batch
+
+
+def _trainer(config, checkpoint, accumulate):
+    config = config.copy_and_resolve_references()
+    config.train.accumulate = accumulate
+    model, tokenizer = experiment.build_model(config, checkpoint)
+    return SFTTrainer(
+        model, experiment.sft_config(config), tuple(config.data.frame_size), [tokenizer.ent_id, tokenizer.tst_id]
+    )
+
+
+def test_visual_embeddings_land_on_their_placeholders(setup):
+    config, checkpoint, batch = setup
+    model, _ = experiment.build_model(config, checkpoint)
+    arrays = _device_batch(batch)
+    inputs = batch_inputs(arrays, model.llm.config, batch_plan(arrays, model.llm.config, config.data.frame_size))
+    slots = np.asarray(inputs.visual_slots)
+    b, t = batch["input_ids"].shape
+    ids = batch["input_ids"].reshape(-1)
+    real = slots[slots < b * t]
+    assert (ids[real] == model.llm.config.video_token_id).all()
+    assert len(real) == int(((batch["input_ids"] == model.llm.config.video_token_id) & batch["input_ids_mask"]).sum())
+
+
+def test_accumulation_of_identical_halves_equals_one_step(setup):
+    config, checkpoint, batch = setup
+    doubled = {k: (np.concatenate([v, v]) if isinstance(v, np.ndarray) and v.ndim else v) for k, v in batch.items()}
+    one = _trainer(config, checkpoint, 1)
+    two = _trainer(config, checkpoint, 2)
+    m1 = one.step(batch)
+    m2 = two.step(doubled)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+    a = dict(nnx.to_flat_state(one.trainable))
+    b = dict(nnx.to_flat_state(two.trainable))
+    for key in a:
+        np.testing.assert_allclose(
+            np.asarray(a[key].get_value()), np.asarray(b[key].get_value()), atol=1e-6, err_msg=str(key)
+        )
+
+
+def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch):
+    import os
+
+    from jaxgrounding.train import train_and_evaluate
+
+    config = micro_config(tmp_path / "data")
+    config.train.checkpoint_every = 1
+    real_step = SFTTrainer.step
+    calls = {"n": 0}
+
+    def step(self, batch):
+        calls["n"] += 1
+        metrics = real_step(self, batch)
+        return metrics | {"loss": float("nan")} if calls["n"] == 3 else metrics
+
+    monkeypatch.setattr(SFTTrainer, "step", step)
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan on samples \['train/"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
