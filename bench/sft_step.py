@@ -81,7 +81,9 @@ def memory(compiled) -> dict:
 
 def bench_7b(args) -> dict:
     mesh = parallel.make_mesh(data=1, fsdp=args.fsdp, tensor=args.tensor)
-    config = ModelConfig.from_hf_dict(QWEN2_5_VL_7B, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+    config = ModelConfig.from_hf_dict(
+        QWEN2_5_VL_7B, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, remat_policy=args.remat
+    )
 
     def make():
         llm = VideoLLM(config, rngs=nnx.Rngs(0))
@@ -132,6 +134,7 @@ def bench_7b(args) -> dict:
         "frames": args.frames,
         "frame_size": [args.height, args.width],
         "seq_len": t,
+        "remat": args.remat,
         "param_dtype": "bfloat16",
         "compile_s": seconds,
         **memory(compiled),
@@ -191,6 +194,7 @@ def main():
     parser.add_argument("--text", type=int, default=512)
     parser.add_argument("--fsdp", type=int, default=4)
     parser.add_argument("--tensor", type=int, default=2)
+    parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable", help="decoder remat policy (7b)")
     args = parser.parse_args()
     result = bench_7b(args) if args.shape == "7b" else bench_default(args)
     result |= {"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
