@@ -105,7 +105,7 @@ def get_config(arg=None):
     config.data.synthetic_train_videos = 500
     config.data.synthetic_eval_videos = 100
     # jaxgrounding.data.synthetic_scenes.SceneConfig overrides for the synthetic set.
-    config.data.scene = ml_collections.ConfigDict({"max_events": 2})
+    config.data.scene = ml_collections.ConfigDict({"max_events": 2, "object_scale": 0.13})
 
     config.encoder = ml_collections.ConfigDict()
     config.encoder.task = "grounding"

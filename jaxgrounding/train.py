@@ -45,8 +45,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
     # --- Data --------------------------------------------------------------------------------------
-    train_samples, eval_samples = experiment.load_samples(config, workdir)
-    checkpoint_dir = experiment.resolve_checkpoint(config, workdir, train_samples)
+    train_samples, eval_samples = experiment.first_process_first(lambda: experiment.load_samples(config, workdir))
+    checkpoint_dir = experiment.first_process_first(
+        lambda: experiment.resolve_checkpoint(config, workdir, train_samples)
+    )
     encoder = StructuralEncoder(checkpoint_dir, experiment.encoder_config(config, train=True))
     global_batch = config.train.batch_size
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -78,6 +78,7 @@ class SceneConfig:
     max_events: events per scene (at most the number of objects).
     min_event_fraction, max_event_fraction: event length as a fraction of the video.
     task_phrasing: probability of the task-oriented phrasing instead of the explicit one.
+    object_scale: object radius as a fraction of the frame side (larger = easier to see).
     """
 
     min_duration: float = 20.0
@@ -90,6 +91,7 @@ class SceneConfig:
     min_event_fraction: float = 0.1
     max_event_fraction: float = 0.3
     task_phrasing: float = 0.5
+    object_scale: float = 0.13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +152,7 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     shapes = rng.permutation(SHAPES)[:num_objects]
     colour_names = list(COLOURS)
     colours = [colour_names[i] for i in rng.permutation(len(colour_names))]
-    radius = cfg.size * 0.13
+    radius = cfg.size * cfg.object_scale
     # Objects start in distinct cells of a 3x3 grid so they rarely overlap.
     cells = rng.permutation(9)[:num_objects]
     objects = tuple(

@@ -38,6 +38,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ------------------------------------------------------------------------------------------------
 
 
+def first_process_first(fn):
+    """Runs `fn` on process 0, then on the others: work that writes shared files (generating
+    the synthetic set, building the tiny checkpoint) happens once; the rest read the result."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxgrounding: shared files ready")
+    return fn() if jax.process_index() != 0 else out
+
+
 def synthetic_root(config, workdir: str) -> str:
     return config.data.root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", "synthetic")
 
