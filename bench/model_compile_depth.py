@@ -10,7 +10,6 @@ and the 24/2 ratio.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -18,12 +17,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxgrounding.model import ModelConfig, VideoLLM
-from jaxgrounding.model.video_llm import ModelInputs
-from jaxgrounding.objectives.lm import next_token_loss
+from lm_step import lm_train_step  # bench/lm_step.py: the step both model benchmarks time
 
 
 def config_for(depth: int) -> ModelConfig:
@@ -54,23 +51,7 @@ def config_for(depth: int) -> ModelConfig:
 
 
 def compile_seconds(depth: int, batch: int, seq: int) -> float:
-    model = VideoLLM(config_for(depth), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = optax.adamw(1e-5)
-    opt_state = optimizer.init(params)
-
-    def loss_fn(params, ids):
-        m = nnx.merge(graphdef, params)
-        inputs = ModelInputs.for_text(ids)
-        hidden = m.forward(inputs, logits=False).last_hidden_state
-        return next_token_loss(m, hidden, ids, inputs.attention_mask)[0]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step, params, opt_state = lm_train_step(VideoLLM(config_for(depth), rngs=nnx.Rngs(0)))
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     start = time.perf_counter()
     step.lower(params, opt_state, ids).compile()

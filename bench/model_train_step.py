@@ -12,7 +12,6 @@ one with the ratio.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -58,30 +57,13 @@ def build_checkpoint(path: str, args) -> None:
 
 def bench_jax(path: str, batches: list[np.ndarray], steps: int, remat: str) -> dict:
     import jax
-    import optax
-    from flax import nnx
+    from lm_step import lm_train_step
 
     import jaxgrounding.model as jm
-    from jaxgrounding.model.video_llm import ModelInputs
-    from jaxgrounding.objectives.lm import next_token_loss
 
     model = jm.from_pretrained(path, remat_policy=remat)
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = optax.adamw(1e-5)
-    opt_state = optimizer.init(params)
+    step, params, opt_state = lm_train_step(model)
     b, t = batches[0].shape
-
-    def loss_fn(params, ids):
-        m = nnx.merge(graphdef, params)
-        inputs = ModelInputs.for_text(ids)
-        hidden = m.forward(inputs, logits=False).last_hidden_state
-        return next_token_loss(m, hidden, ids, inputs.attention_mask)[0]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
     start = time.perf_counter()
     params, opt_state, loss = step(params, opt_state, batches[0])

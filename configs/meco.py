@@ -14,35 +14,26 @@ import ml_collections
 
 from jaxgrounding.config import apply_presets
 
+# MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5, frozen
+# vision tower, global batch 32, bf16 weights. The model size comes from --config.model.checkpoint.
+MECO_RECIPE = {
+    "model.dtype": "bfloat16",
+    "trainable.llm": "lora",
+    "trainable.vision": False,
+    "optimizer.learning_rate": 2e-5,
+    "optimizer.lora_learning_rate": 5e-5,
+    "train.batch_size": 32,
+    "data.frame_size": (252, 448),
+    "data.fps": 1.0,
+    "data.max_frames": 128,
+    "encoder.max_tokens": 8192,
+}
+
 PRESETS = {
     "model": {
         "tiny": {},
-        # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5,
-        # frozen vision tower, global batch 32, bf16 weights.
-        "qwen2_5_vl_3b": {
-            "model.dtype": "bfloat16",
-            "trainable.llm": "lora",
-            "trainable.vision": False,
-            "optimizer.learning_rate": 2e-5,
-            "optimizer.lora_learning_rate": 5e-5,
-            "train.batch_size": 32,
-            "data.frame_size": (252, 448),
-            "data.fps": 1.0,
-            "data.max_frames": 128,
-            "encoder.max_tokens": 8192,
-        },
-        "qwen2_5_vl_7b": {
-            "model.dtype": "bfloat16",
-            "trainable.llm": "lora",
-            "trainable.vision": False,
-            "optimizer.learning_rate": 2e-5,
-            "optimizer.lora_learning_rate": 5e-5,
-            "train.batch_size": 32,
-            "data.frame_size": (252, 448),
-            "data.fps": 1.0,
-            "data.max_frames": 128,
-            "encoder.max_tokens": 8192,
-        },
+        "qwen2_5_vl_3b": MECO_RECIPE,
+        "qwen2_5_vl_7b": MECO_RECIPE,
     },
     "data": {
         "synthetic": {},

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 from jaxgrounding import data as data_lib
-from jaxgrounding import inference, sampling
+from jaxgrounding import inference
 from jaxgrounding.data.padding import pad_and_stack
 from jaxgrounding.data.sample import Sample
 from jaxgrounding.tasks.encoding import StructuralEncoder
@@ -68,23 +68,13 @@ def main(argv):
     example = encoder.encode_prompt(sample, video)
     pipeline = experiment.pipeline_config(config, train=False, batch_size=1)
     batch = pad_and_stack([example], 1, pipeline.buckets)
-    sampling_config = sampling.SamplingConfig(
-        max_new_tokens=config.sampling.max_new_tokens,
-        temperature=config.sampling.temperature,
-        top_p=config.sampling.top_p,
-    )
-    assignment = inference.AssignmentConfig(
-        threshold=config.assignment.threshold or None,
-        dilation=config.assignment.dilation,
-        nms_iou=config.assignment.nms_iou,
-    )
     (prediction,) = inference.predict(
         model,
         batch,
         tokenizer,
         tuple(config.data.frame_size),
-        sampling_config,
-        assignment,
+        experiment.sampling_config(config),
+        experiment.assignment_config(config),
         rng=jax.random.key(config.seed),
     )
     windows = [

@@ -179,6 +179,22 @@ def build_model(config, checkpoint: str, mesh=None):
 # ------------------------------------------------------------------------------------------------
 
 
+def sampling_config(config) -> sampling.SamplingConfig:
+    return sampling.SamplingConfig(
+        max_new_tokens=config.sampling.max_new_tokens,
+        temperature=config.sampling.temperature,
+        top_p=config.sampling.top_p,
+    )
+
+
+def assignment_config(config) -> inference.AssignmentConfig:
+    return inference.AssignmentConfig(
+        threshold=config.assignment.threshold or None,
+        dilation=config.assignment.dilation,
+        nms_iou=config.assignment.nms_iou,
+    )
+
+
 def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
     """Grounds every sample, writes out_dir/metrics.json and out_dir/predictions.jsonl."""
     if config.eval.max_samples:
@@ -188,16 +204,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     batches = data_lib.make_pipeline(
         samples, pipeline_config(config, train=False, batch_size=config.eval.batch_size), prompts
     )
-    sampling_config = sampling.SamplingConfig(
-        max_new_tokens=config.sampling.max_new_tokens,
-        temperature=config.sampling.temperature,
-        top_p=config.sampling.top_p,
-    )
-    assignment = inference.AssignmentConfig(
-        threshold=config.assignment.threshold or None,
-        dilation=config.assignment.dilation,
-        nms_iou=config.assignment.nms_iou,
-    )
+    sampling_settings, assignment = sampling_config(config), assignment_config(config)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     iterator = iter(batches)
@@ -206,7 +213,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
         for batch in iterator:
             rng, key = jax.random.split(rng)
             predictions = inference.predict(
-                model, batch, tokenizer, tuple(config.data.frame_size), sampling_config, assignment, rng=key
+                model, batch, tokenizer, tuple(config.data.frame_size), sampling_settings, assignment, rng=key
             )
             for b, prediction in zip(np.flatnonzero(batch["valid"]), predictions):
                 gt = batch["windows"][b][batch["windows_mask"][b]].tolist()
