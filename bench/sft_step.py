@@ -161,9 +161,9 @@ def bench_default(args) -> dict:
     )
     # Fix one batch shape so every timed step runs the same compiled program.
     batch = next(batches)
-    from jaxgrounding.training.sft import _device_batch
+    from jaxgrounding.training.sft import device_batch
 
-    compiled = trainer.lower(_device_batch(batch)).compile()
+    compiled = trainer.lower(device_batch(batch)).compile()
     trainer.step(batch)
     start = time.perf_counter()
     for _ in range(args.steps):

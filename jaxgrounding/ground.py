@@ -60,7 +60,9 @@ def main(argv):
     config = experiment.load_workdir_config(_MODEL.value)
     fps = _FPS.value or config.data.fps
     model, tokenizer, checkpoint_dir, _ = experiment.restore_model(config, _MODEL.value)
-    video = data_lib.read_video(_VIDEO.value, fps=fps, max_frames=config.data.max_frames)
+    video = data_lib.read_video(
+        _VIDEO.value, fps=fps, max_frames=config.data.max_frames, size=tuple(config.data.frame_size)
+    )
     sample = Sample(
         id=os.path.basename(_VIDEO.value), video=_VIDEO.value, duration=float(video.duration), query=_QUERY.value
     )

@@ -21,7 +21,7 @@ from flax import nnx
 from jaxgrounding import sampling
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
-from jaxgrounding.training.sft import GroundingModel, _device_batch, batch_inputs, batch_plan
+from jaxgrounding.training.sft import GroundingModel, device_batch, batch_inputs, batch_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ def predict(
 ) -> list[Prediction]:
     """Predictions for the valid rows of one prompt batch."""
     config = model.llm.config
-    arrays = _device_batch(batch)
+    arrays = device_batch(batch)
     inputs = batch_inputs(arrays, config, batch_plan(arrays, config, frame_size))
     end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if tokenizer.tokenizer.eos_token_id is not None:

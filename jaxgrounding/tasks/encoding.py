@@ -2,9 +2,9 @@
 
 This is the model-side transform of the grain pipeline (it runs in the data workers):
 
-- frames are resized to one fixed size (so every example has the same patch grid per frame and
-  batches differ only in frame count, which the pipeline pads to a bucket) and cut into
-  Qwen2-VL patches by `VisualProcessor`;
+- frames arrive decoded at one fixed size (`read_video(size=frame_size)`, so every example has
+  the same patch grid per frame and batches differ only in frame count, which the pipeline
+  pads to a bucket) and are cut into Qwen2-VL patches by `VisualProcessor`;
 - the prompt is the checkpoint's chat template with the video placeholder expanded to one
   `<|video_pad|>` per visual token, followed by a task instruction;
 - the response is MeCo's structural text (`tasks.structural.structural_response`) ended by the
@@ -23,7 +23,6 @@ import dataclasses
 import zlib
 
 import numpy as np
-from PIL import Image
 
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.positions import rope_positions
@@ -74,12 +73,15 @@ class StructuralEncoder:
 
     # ------------------------------------------------------------------------------------------
 
-    def _visual(self, video):
+    def _visual(self, sample, video):
         _, _, processor = self._load()
         frames = np.asarray(video.frames)
-        h, w = self.config.frame_size
-        if frames.shape[1:3] != (h, w):
-            frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in frames])
+        if frames.shape[1:3] != tuple(self.config.frame_size):
+            # Resizing is the decoder's job (read_video(size=...), which the pipeline config asks for).
+            raise ValueError(
+                f"sample {sample.id}: frames are {frames.shape[1]}x{frames.shape[2]}, the encoder expects "
+                f"{self.config.frame_size[0]}x{self.config.frame_size[1]}: decode with read_video(size=frame_size)"
+            )
         return processor.video(frames, fps=float(video.fps))
 
     def _prompt_ids(self, instruction: str, num_visual_tokens: int) -> list[int]:
@@ -102,14 +104,14 @@ class StructuralEncoder:
     def encode_prompt(self, sample, video) -> dict[str, np.ndarray]:
         """Inference inputs: the prompt only, plus what is needed to read the answer back."""
         _, config, _ = self._load()
-        visual = self._visual(video)
+        visual = self._visual(sample, video)
         ids = np.asarray(self._prompt_ids(self._instruction(sample), visual.num_tokens), np.int32)
         return self._common(ids, visual, video, config) | {"duration": np.float32(sample.duration)}
 
     def __call__(self, sample, video) -> dict[str, np.ndarray]:
         """Training example (see module docstring)."""
         tokenizer, config, _ = self._load()
-        visual = self._visual(video)
+        visual = self._visual(sample, video)
         prompt = self._prompt_ids(self._instruction(sample), visual.num_tokens)
         text, tokens = structural.structural_response(sample.windows, sample.captions, sample.duration)
         response = tokenizer.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]

@@ -133,7 +133,7 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
         shuffle=train,
         worker_count=config.data.workers,
         buckets=buckets,
-        video={"fps": config.data.fps, "max_frames": config.data.max_frames},
+        video={"fps": config.data.fps, "max_frames": config.data.max_frames, "size": tuple(config.data.frame_size)},
     )
 
 

@@ -44,10 +44,12 @@ def _plan(batch: int, grids: int, grid_h: int, grid_w: int, vision: VisionConfig
     return vision_plan(np.array([[grids, grid_h, grid_w]] * batch), vision).as_arrays()
 
 
-def batch_plan(batch: dict, config: ModelConfig, frame_size: tuple[int, int]) -> dict:
+def batch_plan(batch: dict, config: ModelConfig, frame_size: tuple[int, int], batch_size: int | None = None) -> dict:
     """The vision tower's attention plan for a bucketed batch (host side, cached per shape):
-    every example has `grid_times.shape[1]` temporal grids of frame_size / patch_size patches."""
+    every example has `grid_times.shape[1]` temporal grids of frame_size / patch_size patches.
+    `batch_size` overrides the batch's own (a micro-batch's plan under accumulation)."""
     b, grids = np.shape(batch["grid_times"])
+    b = batch_size or b
     p = config.vision.patch_size
     return _plan(b, grids, frame_size[0] // p, frame_size[1] // p, config.vision)
 
@@ -121,7 +123,7 @@ class SFTConfig:
     optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
 
 
-def _device_batch(batch: dict) -> dict:
+def device_batch(batch: dict) -> dict:
     """Only numeric arrays go to the device (ids, strings and bookkeeping stay on the host)."""
     return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
 
@@ -190,7 +192,7 @@ class SFTTrainer:
         return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan)
 
     def step(self, batch: dict) -> dict[str, float]:
-        batch = _device_batch(batch)
+        batch = device_batch(batch)
         if self.mesh is not None:
             # Each process holds its slice of the global batch; shard it over the data axes.
             sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
@@ -198,8 +200,6 @@ class SFTTrainer:
         b = batch["valid"].shape[0]
         if b % self.config.accumulate:
             raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
-        micro = dict(batch)
-        micro["grid_times"] = np.zeros((b // self.config.accumulate, batch["grid_times"].shape[1]))
-        plan = batch_plan(micro, self.model_config, self.frame_size)
+        plan = batch_plan(batch, self.model_config, self.frame_size, batch_size=b // self.config.accumulate)
         self.trainable, self.opt_state, metrics = self._step(self.trainable, self.opt_state, self.frozen, batch, plan)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}

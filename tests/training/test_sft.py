@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxgrounding import data as data_lib
 from jaxgrounding.training import experiment
-from jaxgrounding.training.sft import SFTTrainer, _device_batch, batch_inputs, batch_plan
+from jaxgrounding.training.sft import SFTTrainer, device_batch, batch_inputs, batch_plan
 from tests.test_train import micro_config
 
 
@@ -37,7 +37,7 @@ def _trainer(config, checkpoint, accumulate):
 def test_visual_embeddings_land_on_their_placeholders(setup):
     config, checkpoint, batch = setup
     model, _ = experiment.build_model(config, checkpoint)
-    arrays = _device_batch(batch)
+    arrays = device_batch(batch)
     inputs = batch_inputs(arrays, model.llm.config, batch_plan(arrays, model.llm.config, config.data.frame_size))
     slots = np.asarray(inputs.visual_slots)
     b, t = batch["input_ids"].shape
