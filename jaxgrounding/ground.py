@@ -1,10 +1,12 @@
 """Ground one query in one video with a trained workdir.
 
     python -m jaxgrounding.ground --model runs/meco --video clip.mp4 --query "when does the door open?" \
-        [--fps 1] [--json] [--plot similarity.png]
+        [--fps 1] [--memory auto|full|streaming] [--json] [--plot similarity.png]
 
 Prints the ranked windows (seconds) and the generated text; --plot draws each generated
 structural token's similarity to every frame over time, with the predicted windows shaded.
+`--memory streaming` streams the video through TimeScope's HVR/DVR memory and grounds coarse to
+fine (the default for workdirs trained with streaming settings, e.g. configs/timescope.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ _QUERY = flags.DEFINE_string("query", None, "What to find.", required=True)
 _FPS = flags.DEFINE_float("fps", None, "Sampling rate (default: the training config's).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a PNG of similarity over time with the windows marked.")
+_MEMORY = flags.DEFINE_enum(
+    "memory",
+    "auto",
+    ["auto", "full", "streaming"],
+    "full: one causal pass; streaming: TimeScope coarse-to-fine; auto: as the model was trained.",
+)
 
 
 def plot(prediction: inference.Prediction, duration: float, query: str, path: str) -> None:
@@ -70,14 +78,8 @@ def main(argv):
     example = encoder.encode_prompt(sample, video)
     pipeline = experiment.pipeline_config(config, train=False, batch_size=1)
     batch = pad_and_stack([example], 1, pipeline.buckets)
-    (prediction,) = inference.predict(
-        model,
-        batch,
-        tokenizer,
-        tuple(config.data.frame_size),
-        experiment.sampling_config(config),
-        experiment.assignment_config(config),
-        rng=jax.random.key(config.seed),
+    (prediction,) = experiment.predict(
+        model, batch, tokenizer, config, jax.random.key(config.seed), memory=_MEMORY.value
     )
     windows = [
         {"start": round(w.start, 2), "end": round(w.end, 2), "score": round(float(w.score), 4)}
@@ -85,16 +87,22 @@ def main(argv):
     ]
     if _PLOT.value:
         plot(prediction, float(video.duration), _QUERY.value, _PLOT.value)
+    coarse = None
+    if prediction.coarse is not None:
+        coarse = {
+            "windows": [{"start": round(w.start, 2), "end": round(w.end, 2)} for w in prediction.coarse.windows],
+            "reloaded_segments": prediction.reloaded,
+        }
     if _JSON.value:
-        print(
-            json.dumps(
-                {"query": _QUERY.value, "duration": float(video.duration), "windows": windows, "text": prediction.text}
-            )
-        )
+        out = {"query": _QUERY.value, "duration": float(video.duration), "windows": windows, "text": prediction.text}
+        print(json.dumps(out | ({"coarse": coarse} if coarse else {})))
         return
     print(f"query: {_QUERY.value}  ({video.duration:.1f} s, {len(video.timestamps)} frames at {fps:g} fps)")
     for rank, w in enumerate(windows, 1):
         print(f"  #{rank}: {w['start']:7.2f} s - {w['end']:7.2f} s   score {w['score']:.3f}")
+    if coarse:
+        spans = ", ".join(f"{w['start']:.2f}-{w['end']:.2f} s" for w in coarse["windows"][:1]) or "none"
+        print(f"  coarse stage: {spans}; fine stage reloaded segments {coarse['reloaded_segments']}")
     print(f"generated: {prediction.text!r}")
     if _PLOT.value:
         print(f"plot: {_PLOT.value}")

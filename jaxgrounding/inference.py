@@ -7,6 +7,11 @@ For each prompt (a batch from `StructuralEncoder.encode_prompt` through the pipe
 3. similarity of every generated `<ent>` / `<tst>` to every frame through the trained heads;
 4. `tasks.structural.assign_windows` turns the similarities into ranked windows in seconds,
    using the true timestamps of the sampled frames.
+
+`predict_streaming` is TimeScope's coarse-to-fine version: the video is streamed into memory
+(`memory.streaming`), the coarse stage answers over the HVR of the whole video, the fine stage
+reloads the DVR of the segments around the coarse window and answers again, assigning frames
+inside the reloaded region only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ import numpy as np
 from flax import nnx
 
 from jaxgrounding import sampling
+from jaxgrounding.memory import streaming
+from jaxgrounding.model.decoder import Memory
+from jaxgrounding.model.video_llm import ModelInputs
 from jaxgrounding.objectives.structural import pool_frame_states
+from jaxgrounding.tasks import coarse_to_fine
 from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
 from jaxgrounding.training.sft import GroundingModel, device_batch, batch_inputs, batch_plan
 
@@ -39,6 +48,8 @@ class Prediction:
     kinds: list[str]
     frame_times: np.ndarray  # [F] start of each frame (temporal grid), seconds
     frame_duration: float
+    coarse: Prediction | None = None  # coarse-to-fine: the coarse stage's prediction
+    reloaded: list[int] | None = None  # coarse-to-fine: the segments whose DVR the fine stage saw
 
 
 @jax.jit
@@ -60,14 +71,11 @@ def predict(
     config = model.llm.config
     arrays = device_batch(batch)
     inputs = batch_inputs(arrays, config, batch_plan(arrays, config, frame_size))
-    end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    if tokenizer.tokenizer.eos_token_id is not None:
-        end_ids.append(tokenizer.tokenizer.eos_token_id)
     gen = sampling.generate(
         model.llm,
         inputs,
         sampling_config,
-        end_ids=sorted(set(end_ids)),
+        end_ids=_end_ids(tokenizer),
         rng=rng,
         hidden_layers=(-2,),
         prompt_layers=(-1,),
@@ -76,9 +84,21 @@ def predict(
     frame_of_token = jnp.where(mask, arrays["frame_of_token"], -1)
     num_frames = arrays["grid_times"].shape[1]
     frame_states, frame_valid = pool_frame_states(gen.prompt_hidden[-1], frame_of_token, num_frames)
-    sims = np.asarray(_similarities(*nnx.split(model.heads), gen.predicting[-2], frame_states))
+    return _read(model, batch, tokenizer, assignment, gen, frame_states, np.asarray(frame_valid))
+
+
+def _end_ids(tokenizer) -> list[int]:
+    end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if tokenizer.tokenizer.eos_token_id is not None:
+        end_ids.append(tokenizer.tokenizer.eos_token_id)
+    return sorted(set(end_ids))
+
+
+def _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid, allowed=None) -> list[Prediction]:
+    """Generated structural tokens x frame states -> one Prediction per valid row. `allowed`
+    [B, F] bool restricts the frames a token may be assigned to (the fine stage's region)."""
+    sims = np.asarray(_similarities(*nnx.split(model.heads), gen.predicting[-2], jnp.asarray(frame_states)))
     tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
-    frame_valid = np.asarray(frame_valid)
     kind_of_id = {tokenizer.ent_id: "ent", tokenizer.tst_id: "tst"}
     predictions = []
     for b in np.flatnonzero(batch["valid"]):
@@ -87,6 +107,9 @@ def predict(
         kinds = [kind_of_id[int(generated[i])] for i in where]
         frames = int(frame_valid[b].sum())
         sim = sims[b][where][:, :frames] if where else np.zeros((0, frames), np.float32)
+        if allowed is not None:
+            # Frames outside the region cannot win any token (finite, so the softmax stays defined).
+            sim = np.where(allowed[b][:frames][None], sim, sim.min(initial=0.0) - 1e4)
         times = np.asarray(batch["grid_times"][b][:frames], np.float64)
         duration = float(batch["duration"][b])
         grid_duration = float(batch["grid_duration"][b])
@@ -102,4 +125,80 @@ def predict(
         )
         text = tokenizer.tokenizer.decode(generated, skip_special_tokens=False)
         predictions.append(Prediction(text, windows, sim, kinds, times, grid_duration))
+    return predictions
+
+
+def _suffix_inputs(arrays: dict) -> ModelInputs:
+    """The question (and generation prompt) after the video, at its absolute positions."""
+    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), 1, 0)
+    valid = jnp.asarray(arrays["suffix_valid"])
+    return ModelInputs(
+        input_ids=jnp.asarray(arrays["suffix_ids"]),
+        attention_mask=valid,
+        positions=positions,
+        next_position=jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1,
+    )
+
+
+def predict_streaming(
+    model: GroundingModel,
+    batch: dict,
+    tokenizer,
+    frame_size,
+    sampling_config: sampling.SamplingConfig,
+    assignment: AssignmentConfig,
+    streaming_config: streaming.StreamingConfig,
+    c2f: coarse_to_fine.CoarseToFineConfig,
+    rng=None,
+    fine: bool = True,
+) -> list[Prediction]:
+    """Coarse-to-fine predictions for the valid rows of one prompt batch (see module docstring).
+    With `fine=False` only the coarse stage runs. The returned windows are the fine stage's (the
+    coarse stage's where the fine stage found none); `Prediction.coarse` keeps the coarse ones."""
+    llm = model.llm
+    rng = jax.random.key(0) if rng is None else rng
+    coarse_key, fine_key = jax.random.split(rng)
+    arrays = streaming.split_batch(batch, llm.config, streaming_config, frame_size)
+    streamed = streaming.stream_prompt(llm, arrays, streaming_config, frame_size)
+    layout, frame_states, frame_valid = streamed.layout, streamed.frame_states, streamed.frame_valid
+    suffix = _suffix_inputs(arrays)
+    t = llm.config.text
+    b = arrays["suffix_ids"].shape[0]
+    empty = jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim), streamed.memory.keys.dtype)
+    no_dvr = Memory(empty, empty, jnp.zeros((b, 0), bool))
+    context = streaming.answer_memory(layout, streamed.memory, no_dvr, -jnp.ones((b, 1), jnp.int32))
+    generate = dict(end_ids=_end_ids(tokenizer), hidden_layers=(-2,))
+    gen = sampling.generate(llm, suffix, sampling_config, rng=coarse_key, memory=context, **generate)
+    coarse = _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid)
+    if not fine:
+        return coarse
+
+    rows = np.flatnonzero(batch["valid"])
+    n = arrays["segment_valid"].shape[1]
+    chosen = -np.ones((b, c2f.max_reload_segments), np.int64)
+    allowed = np.zeros(frame_valid.shape, bool)
+    for row, prediction in zip(rows, coarse):
+        if not prediction.windows:
+            continue  # nothing to refine: the coarse answer stands
+        frames = int(frame_valid[row].sum())
+        spans = coarse_to_fine.segment_spans(
+            prediction.frame_times, prediction.frame_duration, streaming_config.segment_frames, n
+        )
+        top = prediction.windows[0]
+        segments = coarse_to_fine.segments_for_interval((top.start, top.end), spans, c2f)
+        chosen[row, : segments.size] = segments
+        for k in segments:
+            allowed[row, k * streaming_config.segment_frames : (k + 1) * streaming_config.segment_frames] = True
+        allowed[row, frames:] = False
+    dvr = streamed.dvr.gather(chosen)
+    context = streaming.answer_memory(layout, streamed.memory, dvr, jnp.asarray(chosen, jnp.int32))
+    gen = sampling.generate(llm, suffix, sampling_config, rng=fine_key, memory=context, **generate)
+    refined = _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid, allowed=allowed)
+    predictions = []
+    for row, first, second in zip(rows, coarse, refined):
+        if not second.windows or not (chosen[row] >= 0).any():
+            second = dataclasses.replace(second, windows=first.windows)
+        second.coarse = first
+        second.reloaded = [int(k) for k in chosen[row] if k >= 0]
+        predictions.append(second)
     return predictions

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrounding.model.decoder import KVCache
+from jaxgrounding.model.decoder import KVCache, Memory
 from jaxgrounding.model.video_llm import ModelInputs
 
 
@@ -66,13 +66,24 @@ class Generation:
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "config", "end_ids", "hidden_layers", "prompt_layers", "cache_length")
 )
-def _generate(graphdef, state, inputs, rng, *, config, end_ids, hidden_layers, prompt_layers, cache_length):
+def _generate(graphdef, state, inputs, rng, memory, *, config, end_ids, hidden_layers, prompt_layers, cache_length):
     model = nnx.merge(graphdef, state)
     b, t = inputs.input_ids.shape
     n = config.max_new_tokens
     cache = KVCache.zeros(model.config, b, cache_length)
+    start = 0
+    if memory is not None:
+        # The cache starts with the memory (keys already rotated, any order); the prompt follows.
+        start = memory.size
+        pad = [(0, 0), (0, 0), (0, cache_length), (0, 0), (0, 0)]
+        cache = dataclasses.replace(
+            cache,
+            keys=jnp.pad(memory.keys.astype(cache.keys.dtype), pad),
+            values=jnp.pad(memory.values.astype(cache.values.dtype), pad),
+            key_valid=jnp.pad(memory.valid, [(0, 0), (0, cache_length)]),
+        )
     layers = tuple(sorted(set(hidden_layers) | set(prompt_layers)))
-    logits, cache, hidden = model.prefill(inputs, cache, layers)
+    logits, cache, hidden = model.prefill(inputs, cache, layers, start=start)
     last = jnp.max(jnp.where(inputs.attention_mask, jnp.arange(t), -1), axis=1)
     first_states = {k: hidden[k][jnp.arange(b), last] for k in hidden_layers}
     e = model.config.text.hidden_size
@@ -127,8 +138,10 @@ def generate(
     rng=None,
     hidden_layers: Sequence[int] = (),
     prompt_layers: Sequence[int] = (),
+    memory: Memory | None = None,
 ) -> Generation:
-    """Generates up to `config.max_new_tokens` tokens after each prompt of `inputs`."""
+    """Generates up to `config.max_new_tokens` tokens after each prompt of `inputs`; with a
+    `memory` (a streamed video, `jaxgrounding.memory.streaming`) the prompt continues it."""
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
     t = inputs.input_ids.shape[1]
@@ -139,6 +152,7 @@ def generate(
         state,
         inputs,
         rng,
+        memory,
         config=config,
         end_ids=tuple(int(i) for i in end_ids),
         hidden_layers=tuple(hidden_layers),

@@ -7,6 +7,11 @@ at those layers rather than stacking every layer's output.
 
 KV cache layout: keys and values [layers, batch, time, kv_heads, head_dim]; keys are stored
 after RoPE (decoding only appends).
+
+`Decoder.attend` runs tokens against an external `Memory` (keys already rotated, any order: the
+rotation carries each key's absolute position, so attention does not care where a key sits in
+the buffer) and returns the new tokens' keys before RoPE; the streaming prefill of long videos
+(`jaxgrounding.memory.streaming`) is built on it.
 """
 
 from __future__ import annotations
@@ -57,6 +62,23 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "cache_time", "kv_heads", None)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Memory:
+    """Keys and values the new tokens attend to besides themselves.
+
+    keys (rotated at their own positions), values: [L, B, M, Kh, D]; valid: [B, M] bool.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[1]
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         t = config.text
@@ -74,14 +96,23 @@ class Attention(nnx.Module):
             (t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"), use_bias=False, **kw
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None):
         """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t.
         With a cache ([B, S, Kh, D] each), the new keys and values are written at
-        `causal_offset` and attention runs over the cache."""
+        `causal_offset` and attention runs over the cache. With a memory ([B, M, Kh, D] each,
+        keys rotated; key_valid then covers memory + new tokens and causal_offset is M), attention
+        runs over memory + new tokens and the new keys are returned before RoPE."""
         q = layers.apply_rotary(self.q_proj(x), cos, sin)
-        k = layers.apply_rotary(self.k_proj(x), cos, sin)
+        k_raw = self.k_proj(x)
+        k = layers.apply_rotary(k_raw, cos, sin)
         v = self.v_proj(x)
         q = parallel.constrain(q, ("batch", None, "heads", None))
+        if memory_kv is not None:
+            memory_k, memory_v = memory_kv
+            keys = jnp.concatenate([memory_k.astype(q.dtype), k], axis=1)
+            values = jnp.concatenate([memory_v.astype(q.dtype), v], axis=1)
+            out = layers.attention(q, keys, values, key_valid, causal_offset=causal_offset)
+            return self.o_proj(out), (k_raw, v)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, causal_offset, 0, 0))
@@ -113,8 +144,8 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, causal_offset, cache_kv)
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, causal_offset, cache_kv, memory_kv)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", None, "embed")), kv
@@ -192,44 +223,78 @@ class Decoder(nnx.Module):
         Returns (final normed hidden [B, T, E], {index: hidden}, updated cache or None).
         """
         cfg = self.config
-        n = cfg.text.num_layers
         cos, sin = layers.mrope_cos_sin(
             positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
         )
+
+        def layer_fn(layer, h, kv):
+            return layer(h, cos, sin, key_valid, causal_offset, kv)
+
+        kv = None if cache is None else (cache.keys, cache.values)
+        h, hidden, new_kv = self._scan(embeds, layer_fn, kv, hidden_layers)
+        new_cache = None
+        if cache is not None:
+            new_cache = dataclasses.replace(cache, keys=new_kv[0], values=new_kv[1])
+        return h, hidden, new_cache
+
+    def attend(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        memory: Memory,
+        hidden_layers: Sequence[int] = (),
+    ):
+        """Runs new tokens against `memory` (all of it visible where valid) and causally among
+        themselves.
+
+        embeds: [B, T, E]; positions: [3, B, T]; valid: [B, T] bool. Returns (final normed hidden
+        [B, T, E], {index: hidden} as in `__call__`, (keys before RoPE, values) of the new tokens,
+        [L, B, T, Kh, D] each).
+        """
+        cfg = self.config
+        cos, sin = layers.mrope_cos_sin(
+            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
+        )
+        key_valid = jnp.concatenate([memory.valid, valid], axis=1)
+
+        def layer_fn(layer, h, kv):
+            return layer(h, cos, sin, key_valid, memory.size, memory_kv=kv)
+
+        return self._scan(embeds, layer_fn, (memory.keys, memory.values), hidden_layers)
+
+    def _scan(self, embeds, layer_fn, per_layer_kv, hidden_layers):
+        """`lax.scan` over the stacked layers, split at the captured ones.
+
+        layer_fn(layer, h, kv) -> (h, new kv); per_layer_kv: None or a pair of [L, ...] arrays fed
+        to layer l as its kv. Returns (normed h, {index: hidden}, stacked new kv or None)."""
+        cfg = self.config
+        n = cfg.text.num_layers
         wanted = sorted({i % (n + 1) for i in hidden_layers})
         captured = {}
         graphdef, stacked = nnx.split(self.layers)
-
-        def run(h, layer_state, kv):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, cos, sin, key_valid, causal_offset, kv)
+        returns_kv = per_layer_kv is not None
 
         def body(h, xs):
             layer_state, kv = xs
-            h, new_kv = run(h, layer_state, kv)
-            return h, (new_kv if cache is not None else None)
+            h, new_kv = layer_fn(nnx.merge(graphdef, layer_state), h, kv)
+            return h, (new_kv if returns_kv else None)
 
         body = _remat(body, cfg.remat_policy)
         h = embeds
-        new_keys, new_values = [], []
+        new_kv = []
         bounds = [0] + [i for i in wanted if 0 < i < n] + [n]
         for start, stop in zip(bounds[:-1], bounds[1:]):
             if start in wanted:
                 captured[start] = h
             part = jax.tree.map(lambda a: a[start:stop], stacked)
-            kv = None if cache is None else (cache.keys[start:stop], cache.values[start:stop])
-            h, new_kv = jax.lax.scan(body, h, (part, kv))
-            if cache is not None:
-                new_keys.append(new_kv[0])
-                new_values.append(new_kv[1])
+            kv = None if not returns_kv else (per_layer_kv[0][start:stop], per_layer_kv[1][start:stop])
+            h, part_kv = jax.lax.scan(body, h, (part, kv))
+            new_kv.append(part_kv)
         if n in wanted:
             captured[n] = h
-        new_cache = None
-        if cache is not None:
-            new_cache = dataclasses.replace(
-                cache,
-                keys=jnp.concatenate(new_keys) if len(new_keys) > 1 else new_keys[0],
-                values=jnp.concatenate(new_values) if len(new_values) > 1 else new_values[0],
-            )
+        stacked_kv = None
+        if returns_kv:
+            stacked_kv = tuple(jnp.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*new_kv))
         hidden = {i: captured[i % (n + 1)] for i in hidden_layers}
-        return self.norm(h), hidden, new_cache
+        return self.norm(h), hidden, stacked_kv

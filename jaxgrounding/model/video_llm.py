@@ -177,21 +177,26 @@ class VideoLLM(nnx.Module):
             logits=self.decoder.logits(final) if logits else None, hidden_states=hidden, last_hidden_state=final
         )
 
-    def prefill(self, inputs: ModelInputs, cache: KVCache, hidden_layers: Sequence[int] = ()):
-        """Runs the prompt into an empty cache; prompts may be left- or right-padded.
+    def prefill(self, inputs: ModelInputs, cache: KVCache, hidden_layers: Sequence[int] = (), start: int = 0):
+        """Runs the prompt into the cache from slot `start` (static; 0 for an empty cache, the
+        memory size for a cache that starts with a streamed video's memory, whose valid slots the
+        prompt sees); prompts may be left- or right-padded.
 
         Returns (logits at each row's last real token [B, V], cache, {layer: hidden [B, T, E]}).
-        Decoding continues at slot T for every row; a right-padded row's padding slots stay
+        Decoding continues at slot start + T for every row; a right-padded row's padding slots stay
         invisible (key_valid False) and its positions continue from its own last token.
         """
         embeds = self.embed_inputs(inputs)
         mask = jnp.asarray(inputs.attention_mask)
         t = mask.shape[1]
-        key_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.key_valid), mask, (0, 0))
-        cache = dataclasses.replace(cache, key_valid=key_valid, length=jnp.zeros((), jnp.int32))
-        final, hidden, cache = self.decoder(embeds, jnp.asarray(inputs.positions), key_valid, cache, hidden_layers)
+        earlier = cache.key_valid if start else jnp.zeros_like(cache.key_valid)
+        key_valid = jax.lax.dynamic_update_slice(earlier, mask, (0, start))
+        cache = dataclasses.replace(cache, key_valid=key_valid, length=jnp.asarray(start, jnp.int32))
+        final, hidden, cache = self.decoder(
+            embeds, jnp.asarray(inputs.positions), key_valid, cache, hidden_layers, causal_offset=start
+        )
         cache = dataclasses.replace(
-            cache, length=jnp.asarray(t, jnp.int32), next_position=jnp.asarray(inputs.next_position, jnp.int32)
+            cache, length=jnp.asarray(start + t, jnp.int32), next_position=jnp.asarray(inputs.next_position, jnp.int32)
         )
         last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)
         return self.decoder.logits(final[jnp.arange(final.shape[0]), last]), cache, hidden

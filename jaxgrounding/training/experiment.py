@@ -51,7 +51,9 @@ def first_process_first(fn):
 
 
 def synthetic_root(config, workdir: str) -> str:
-    return config.data.root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", "synthetic")
+    # Configs with different scene families (short MeCo clips, long TimeScope videos) keep apart.
+    name = config.data.get("synthetic_name", "synthetic")
+    return config.data.root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", name)
 
 
 def load_samples(config, workdir: str) -> tuple[list, list]:
@@ -142,8 +144,39 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
 # ------------------------------------------------------------------------------------------------
 
 
+def streaming_config(config):
+    """The config's TimeScope streaming settings (`config.streaming`), or None without them."""
+    from jaxgrounding.memory.hvr import HVRConfig
+    from jaxgrounding.memory.streaming import StreamingConfig
+
+    if "streaming" not in config:
+        return None
+    s = config.streaming
+    return StreamingConfig(
+        segment_frames=s.segment_frames,
+        hvr=HVRConfig(temporal=s.hvr_temporal, spatial=s.hvr_spatial, impl=s.hvr_impl),
+        recent_segments=s.recent_segments,
+        max_segments=s.max_segments,
+        dvr_placement=s.dvr_placement,
+    )
+
+
+def coarse_to_fine_config(config):
+    from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
+
+    if "coarse_to_fine" not in config:
+        return CoarseToFineConfig()
+    c = config.coarse_to_fine
+    return CoarseToFineConfig(
+        margin=c.margin, max_reload_segments=c.max_reload_segments, fine_fraction=c.fine_fraction, jitter=c.jitter
+    )
+
+
 def sft_config(config) -> SFTConfig:
     return SFTConfig(
+        streaming=streaming_config(config),
+        coarse_to_fine=coarse_to_fine_config(config),
+        seed=config.seed,
         st_weight=config.train.st_weight,
         accumulate=config.train.accumulate,
         trainable=optim.TrainableConfig(
@@ -195,6 +228,24 @@ def assignment_config(config) -> inference.AssignmentConfig:
     )
 
 
+def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: str = "auto"):
+    """Predictions for one prompt batch: one causal pass ("full") or TimeScope's streaming
+    coarse-to-fine ("streaming"); "auto" streams when the config has streaming settings."""
+    from jaxgrounding.memory.streaming import StreamingConfig
+
+    if memory not in ("auto", "full", "streaming"):
+        raise ValueError(f"memory must be auto, full or streaming, got {memory!r}")
+    streaming = streaming_config(config)
+    if memory == "auto":
+        memory = "full" if streaming is None else "streaming"
+    frame_size = tuple(config.data.frame_size)
+    args = (model, batch, tokenizer, frame_size, sampling_config(config), assignment_config(config))
+    if memory == "full":
+        return inference.predict(*args, rng=rng)
+    streaming = streaming or StreamingConfig(max_segments=-(-config.data.max_frames // 2 // 8))
+    return inference.predict_streaming(*args, streaming, coarse_to_fine_config(config), rng=rng)
+
+
 def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
     """Grounds every sample, writes out_dir/metrics.json and out_dir/predictions.jsonl."""
     if config.eval.max_samples:
@@ -204,7 +255,6 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     batches = data_lib.make_pipeline(
         samples, pipeline_config(config, train=False, batch_size=config.eval.batch_size), prompts
     )
-    sampling_settings, assignment = sampling_config(config), assignment_config(config)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     iterator = iter(batches)
@@ -212,26 +262,31 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     with tqdm.tqdm(total=len(samples), desc="evaluate", unit="sample") as bar:
         for batch in iterator:
             rng, key = jax.random.split(rng)
-            predictions = inference.predict(
-                model, batch, tokenizer, tuple(config.data.frame_size), sampling_settings, assignment, rng=key
-            )
+            predictions = predict(model, batch, tokenizer, config, key)
             for b, prediction in zip(np.flatnonzero(batch["valid"]), predictions):
                 gt = batch["windows"][b][batch["windows_mask"][b]].tolist()
-                rows.append(
-                    {
-                        "id": str(batch["id"][b]),
-                        "duration": float(batch["duration"][b]),
-                        "gt_windows": [[round(s, 3), round(e, 3)] for s, e in gt],
-                        "pred_windows": [[round(w.start, 3), round(w.end, 3)] for w in prediction.windows],
-                        "scores": [round(float(w.score), 5) for w in prediction.windows],
-                        "text": prediction.text,
-                    }
-                )
+                row = {
+                    "id": str(batch["id"][b]),
+                    "duration": float(batch["duration"][b]),
+                    "gt_windows": [[round(s, 3), round(e, 3)] for s, e in gt],
+                    "pred_windows": [[round(w.start, 3), round(w.end, 3)] for w in prediction.windows],
+                    "scores": [round(float(w.score), 5) for w in prediction.windows],
+                    "text": prediction.text,
+                }
+                if prediction.coarse is not None:
+                    row["coarse_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in prediction.coarse.windows]
+                    row["reloaded_segments"] = prediction.reloaded
+                rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
     result = metrics.grounding_metrics(
         [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
     )
+    if rows and "coarse_windows" in rows[0]:
+        coarse = metrics.grounding_metrics(
+            [r["coarse_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
+        )
+        result |= {f"coarse_{k}": v for k, v in coarse.items()}
     result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
         for row in rows:

@@ -8,12 +8,19 @@
 
 and applies one AdamW update to the trainable parameters (`optim.trainable_filter`), with
 optional gradient accumulation over micro-batches (a `lax.scan`, so memory is one micro-batch).
+
+With `SFTConfig.streaming` set (TimeScope), the prompt is not run as one sequence: the video is
+streamed segment by segment into HVR memory (`memory.streaming.stream_forward`, the same attention
+pattern as inference) and the question and response attend to that memory; a
+`coarse_to_fine.fine_fraction` share of the samples reload the DVR of the segments around a
+jittered ground-truth window (TimeScope's second SFT stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +30,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxgrounding.memory import streaming as streaming_lib
+from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.config import ModelConfig, VisionConfig
 from jaxgrounding.model.video_llm import ModelInputs, VideoLLM
 from jaxgrounding.model.vision import vision_plan
 from jaxgrounding.objectives.lm import next_token_loss
 from jaxgrounding.objectives.structural import StructuralHeads, gather_states, pool_frame_states, structural_loss
+from jaxgrounding.tasks import coarse_to_fine
 from jaxgrounding.training import optim
 
 
@@ -89,16 +99,35 @@ def frame_targets(ranges_bk2: jax.Array, frame_valid_bf: jax.Array) -> jax.Array
     return inside / jnp.maximum(jnp.sum(inside, axis=-1, keepdims=True), 1.0)
 
 
-def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float):
-    """Returns (total loss, metrics dict) for one batch."""
-    config = model.llm.config
-    inputs = batch_inputs(batch, config, plan)
+def _full_states(model: GroundingModel, batch: dict, plan: dict):
+    """One causal pass over the whole prompt: (LM loss, tokens, structural-token states, frame
+    states, frame validity)."""
+    inputs = batch_inputs(batch, model.llm.config, plan)
     out = model.llm.forward(inputs, hidden_layers=(-2, -1), logits=False)
     mask = inputs.attention_mask
     lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
     frame_of_token = jnp.where(mask, batch["frame_of_token"], -1)
     frame_states, frame_valid = pool_frame_states(out.hidden_states[-1], frame_of_token, batch["grid_times"].shape[1])
     token_states = gather_states(out.hidden_states[-2], batch["struct_positions"])
+    return lm, tokens, token_states, frame_states, frame_valid
+
+
+def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr: HVRConfig):
+    """The same quantities with the video streamed into memory (see module docstring); `batch`
+    holds `memory.streaming.split_batch` arrays plus `reloaded` [B, N]."""
+    out = streaming_lib.stream_forward(model.llm, layout, hvr, batch, plan, batch["reloaded"], hidden_layers=(-2,))
+    lm, tokens = next_token_loss(model.llm, out.final, batch["suffix_ids"], batch["suffix_loss_mask"])
+    token_states = gather_states(out.hidden[-2], batch["suffix_struct_positions"])
+    return lm, tokens, token_states, out.frame_states, out.frame_valid
+
+
+def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, streamed=None):
+    """Returns (total loss, metrics dict) for one batch. `streamed`: None for one causal pass, or
+    (BufferLayout, HVRConfig) for a streamed batch."""
+    if streamed is None:
+        lm, tokens, token_states, frame_states, frame_valid = _full_states(model, batch, plan)
+    else:
+        lm, tokens, token_states, frame_states, frame_valid = _streamed_states(model, batch, plan, *streamed)
     logits = model.heads(token_states, frame_states)
     kinds = batch["struct_kinds"] * batch["struct_positions_mask"] * batch["valid"][:, None]
     st = structural_loss(logits, kinds, frame_targets(batch["struct_ranges"], frame_valid), frame_valid)
@@ -121,6 +150,9 @@ class SFTConfig:
     accumulate: int = 1  # micro-batches per update
     trainable: optim.TrainableConfig = optim.TrainableConfig()
     optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+    streaming: streaming_lib.StreamingConfig | None = None  # TimeScope: stream the video into memory
+    coarse_to_fine: coarse_to_fine.CoarseToFineConfig = coarse_to_fine.CoarseToFineConfig()
+    seed: int = 0  # of the coarse-to-fine augmentation
 
 
 def device_batch(batch: dict) -> dict:
@@ -152,13 +184,15 @@ class SFTTrainer:
         self.model_config = model.llm.config
         mask_rows = config.trainable.llm != "full" and config.trainable.embeddings == "new_tokens"
         self._row_mask = (tuple(int(i) for i in new_token_ids), mask_rows)
+        self._streamed = None  # (BufferLayout, HVRConfig) once a streamed batch has been seen
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
 
     def model(self) -> GroundingModel:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
     def _loss(self, trainable, frozen, batch, plan):
-        return sft_loss(nnx.merge(self.graphdef, trainable, frozen), batch, plan, self.config.st_weight)
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        return sft_loss(model, batch, plan, self.config.st_weight, self._streamed)
 
     def _train_step(self, trainable, opt_state, frozen, batch, plan):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -191,15 +225,46 @@ class SFTTrainer:
         plan = batch_plan(batch, self.model_config, self.frame_size)
         return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan)
 
+    def streamed_batch(self, batch: dict, micro_batch: int) -> tuple[dict, dict]:
+        """Host side of a streamed step: the `split_batch` arrays, which segments each sample
+        reloads, and the vision plan of one segment of a micro-batch."""
+        config = self.config
+        arrays = streaming_lib.split_batch(batch, self.model_config, config.streaming, self.frame_size)
+        num_segments = arrays["segment_valid"].shape[1]
+        # Seeded by the samples themselves, so a resumed run draws the same augmentation.
+        ids = "\0".join(str(i) for i in np.asarray(batch["id"]).reshape(-1))
+        rng = np.random.default_rng([config.seed, zlib.crc32(ids.encode())])
+        arrays["reloaded"] = coarse_to_fine.training_reloads(
+            batch, config.streaming.segment_frames, num_segments, config.coarse_to_fine, rng
+        )
+        for key in ("struct_kinds", "struct_positions_mask", "struct_ranges", "valid"):
+            arrays[key] = np.asarray(batch[key])
+        layout = streaming_lib.BufferLayout.build(
+            config.streaming,
+            arrays["prefix_ids"].shape[1],
+            arrays["segment_valid"].shape[2] // config.streaming.segment_frames,
+        )
+        if self._streamed is not None and self._streamed[0] != layout:
+            raise ValueError(f"the streaming layout changed between batches: {self._streamed[0]} -> {layout}")
+        self._streamed = (layout, config.streaming.hvr)
+        # The frames of all segments of a micro-batch go through the vision tower together.
+        plan = streaming_lib.plan_for(self.model_config, config.streaming, self.frame_size, micro_batch * num_segments)
+        return device_batch(arrays), plan
+
     def step(self, batch: dict) -> dict[str, float]:
-        batch = device_batch(batch)
+        b = batch["valid"].shape[0]
+        if b % self.config.accumulate:
+            raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
+        # The plan is for one micro-batch of the global batch (each process holds a slice).
+        micro = b * jax.process_count() // self.config.accumulate
+        if self.config.streaming is not None:
+            batch, plan = self.streamed_batch(batch, micro)
+        else:
+            batch = device_batch(batch)
+            plan = batch_plan(batch, self.model_config, self.frame_size, batch_size=micro)
         if self.mesh is not None:
             # Each process holds its slice of the global batch; shard it over the data axes.
             sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-        b = batch["valid"].shape[0]
-        if b % self.config.accumulate:
-            raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
-        plan = batch_plan(batch, self.model_config, self.frame_size, batch_size=b // self.config.accumulate)
         self.trainable, self.opt_state, metrics = self._step(self.trainable, self.opt_state, self.frozen, batch, plan)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,1 @@
+"""Long-video memory: TimeScope HVR pooling of per-layer keys and values."""

@@ -1,0 +1,91 @@
+"""TimeScope's coarse-to-fine step: which segments to reload in full for an interval.
+
+Inference: the coarse stage answers over the HVR of the whole video; its top window, widened by
+`margin` seconds, picks the segments whose DVR is reloaded for the fine stage.
+
+Training (TimeScope's second SFT stage, "temporal augmentation"): a fraction of the samples are
+fine-stage samples whose coarse interval is the ground-truth window jittered, so the model learns
+to answer over a mixed memory whose full-resolution region is near, but not exactly on, the event
+(what a real coarse stage hands it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseToFineConfig:
+    """margin: seconds added on both sides of the coarse interval; max_reload_segments: at most
+    this many segments are reloaded (those nearest the interval's centre); fine_fraction: share
+    of training samples built as fine-stage samples; jitter: each end of the ground-truth window
+    moves by up to this fraction of the window's length (plus `margin`-sized slack) in training."""
+
+    margin: float = 2.0
+    max_reload_segments: int = 4
+    fine_fraction: float = 0.5
+    jitter: float = 0.5
+
+
+def segment_spans(grid_times: np.ndarray, grid_duration: float, segment_frames: int, num_segments: int) -> np.ndarray:
+    """[num_segments, 2] start/end seconds of each segment (NaN for segments past the video)."""
+    grids = grid_times.shape[0]
+    spans = np.full((num_segments, 2), np.nan)
+    for k in range(num_segments):
+        first, last = k * segment_frames, min((k + 1) * segment_frames, grids) - 1
+        if first < grids:
+            spans[k] = (grid_times[first], grid_times[last] + grid_duration)
+    return spans
+
+
+def segments_for_interval(interval, spans: np.ndarray, config: CoarseToFineConfig) -> np.ndarray:
+    """Indices (sorted) of the segments overlapping [start - margin, end + margin]; when more
+    than `max_reload_segments` overlap, those whose centres are nearest the interval's centre.
+    Always at least one (the nearest) so the fine stage has something to look at."""
+    start, end = float(interval[0]) - config.margin, float(interval[1]) + config.margin
+    real = np.flatnonzero(~np.isnan(spans[:, 0]))
+    if real.size == 0:
+        raise ValueError("no segment covers any frame")
+    overlapping = real[(spans[real, 0] < end) & (spans[real, 1] > start)]
+    centre = (float(interval[0]) + float(interval[1])) / 2
+    distance = np.abs(spans[:, 0] + spans[:, 1] - 2 * centre)
+    if overlapping.size == 0:
+        overlapping = real[np.argsort(distance[real])[:1]]
+    if overlapping.size > config.max_reload_segments:
+        overlapping = overlapping[np.argsort(distance[overlapping], kind="stable")[: config.max_reload_segments]]
+    return np.sort(overlapping)
+
+
+def jitter_window(window, duration: float, rng: np.random.Generator, config: CoarseToFineConfig) -> tuple[float, float]:
+    """A coarse interval around a ground-truth window: each end moved independently by up to
+    `jitter` x the window length (at least one second of slack), clipped to the video, never empty."""
+    start, end = float(window[0]), float(window[1])
+    slack = max(config.jitter * (end - start), 1.0)
+    a = np.clip(start + rng.uniform(-slack, slack), 0.0, duration)
+    b = np.clip(end + rng.uniform(-slack, slack), 0.0, duration)
+    a, b = min(a, b), max(a, b)
+    return (a, max(b, min(a + 1.0, duration)))
+
+
+def training_reloads(
+    batch: dict, segment_frames: int, num_segments: int, config: CoarseToFineConfig, rng
+) -> np.ndarray:
+    """[B, num_segments] bool: the segments each training sample reloads (none for coarse-stage
+    samples). A fine-stage sample jitters one of its ground-truth windows, drawn at random."""
+    b = np.shape(batch["valid"])[0]
+    reloaded = np.zeros((b, num_segments), bool)
+    windows = np.asarray(batch["windows"])
+    windows_valid = np.asarray(batch.get("windows_mask", np.ones(windows.shape[:2], bool)))
+    for row in range(b):
+        has = np.flatnonzero(windows_valid[row])
+        if not batch["valid"][row] or has.size == 0 or rng.random() >= config.fine_fraction:
+            continue
+        window = windows[row, rng.choice(has)]
+        grids = int(np.sum(np.asarray(batch["grid_times_mask"][row]))) if "grid_times_mask" in batch else None
+        times = np.asarray(batch["grid_times"][row])[:grids]
+        spans = segment_spans(times, float(batch["grid_duration"][row]), segment_frames, num_segments)
+        coarse = jitter_window(window, float(batch["duration"][row]), rng, config)
+        reloaded[row, segments_for_interval(coarse, spans, config)] = True
+    return reloaded
