@@ -111,7 +111,7 @@ class Attention(nnx.Module):
             memory_k, memory_v = memory_kv
             keys = jnp.concatenate([memory_k.astype(q.dtype), k], axis=1)
             values = jnp.concatenate([memory_v.astype(q.dtype), v], axis=1)
-            out = layers.attention(q, keys, values, key_valid, causal_offset=causal_offset)
+            out = layers.memory_attention(q, keys, values, key_valid, memory_size=causal_offset)
             return self.o_proj(out), (k_raw, v)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv

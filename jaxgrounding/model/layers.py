@@ -294,6 +294,37 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def memory_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, memory_size: int, block_size: int = 128
+) -> jax.Array:
+    """Attention of T new tokens over [memory: `memory_size` keys, all visible where valid | the
+    new tokens, causal]. Shapes as `attention`.
+
+    Query blocks run one after another (`lax.map`), so only one block's float32 logits
+    [B, H, block, M + T] are alive at a time. Over a long video's memory those logits, not the
+    keys, fill the device: with every block live (the unrolled blocks of `attention`), about 14 of
+    the 16 GB of temporaries of a 7B segment step at 256 segments were logits (bench/streaming.py).
+    """
+    b, t, h, d = q.shape
+    if t <= block_size:
+        return attention(q, k, v, key_valid, causal_offset=memory_size)
+    kv_heads = k.shape[2]
+    g = h // kv_heads
+    n = -(-t // block_size)
+    qh = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4)  # [B, Kh, G, T, D]
+    qh = jnp.pad(qh, [(0, 0), (0, 0), (0, 0), (0, n * block_size - t), (0, 0)])
+    blocks = jnp.moveaxis(qh.reshape(b, kv_heads, g, n, block_size, d), 3, 0)  # [n, B, Kh, G, block, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def one_block(xs):
+        i, q_block = xs
+        return _dense_attention(q_block, kh, vh, key_valid, memory_size + i * block_size)
+
+    out = jax.lax.map(one_block, (jnp.arange(n), blocks))  # [n, B, Kh, G, block, D]
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, g, n * block_size, d)[:, :, :, :t]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def _dense_attention(q, k, v, key_valid, causal_offset):
     """q: [B, Kh, G, T, D]; k, v: [B, Kh, S, D] -> [B, Kh, G, T, D]."""
     b, kv_heads, g, t, d = q.shape

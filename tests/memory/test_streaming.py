@@ -13,7 +13,7 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import parallel, sampling
 from jaxgrounding.memory import streaming
 from jaxgrounding.memory.hvr import HVRConfig
-from jaxgrounding.model.decoder import KVCache, Memory
+from jaxgrounding.model.decoder import CACHE_AXES, KVCache, Memory
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
@@ -199,3 +199,67 @@ def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prom
     got = sampling.generate(llm, suffix, sampling_config, end_ids=[0], hidden_layers=(-2,), memory=context)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.predicting[-2]), np.asarray(want.predicting[-2]), atol=2e-5)
+
+
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_inference_fine_stage_sees_what_training_saw(setup, placement):
+    """The fine-stage memory assembled at inference (streamed steps, DVR kept aside and gathered
+    back) gives the suffix the same states as the differentiable training pass."""
+    config, model, batch = setup
+    frame_size = tuple(config.data.frame_size)
+    cfg = streaming.StreamingConfig(
+        segment_frames=2, hvr=HVRConfig(temporal=2, spatial=1), max_segments=8, dvr_placement=placement
+    )
+    arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
+    b, n = arrays["segment_valid"].shape[:2]
+    chosen = np.array([[0, 2], [1, -1]])[:b]
+    reloaded = np.zeros((b, n), bool)
+    for row in range(b):
+        reloaded[row, chosen[row][chosen[row] >= 0]] = True
+    _, _, trained = _stream(model, batch, frame_size, cfg, reloaded=reloaded)
+
+    streamed = streaming.stream_prompt(model.llm, arrays, cfg, frame_size)
+    assert streamed.dvr.placement == placement
+    assert (streamed.dvr.host_bytes() > 0) == (placement == "host")
+    dvr = streamed.dvr.gather(chosen)
+    context = streaming.answer_memory(streamed.layout, streamed.memory, dvr, jnp.asarray(chosen))
+    embeds = model.llm.decoder.embed(arrays["suffix_ids"])
+    final, _, _ = model.llm.decoder.attend(
+        embeds, jnp.moveaxis(arrays["suffix_positions"], 1, 0), arrays["suffix_valid"], context
+    )
+    valid = arrays["suffix_valid"]
+    np.testing.assert_allclose(np.asarray(final)[valid], np.asarray(trained.final)[valid], atol=2e-5)
+    np.testing.assert_allclose(streamed.frame_states, np.asarray(trained.frame_states), atol=2e-5)
+
+
+def test_streamed_memory_is_sharded_by_batch_and_kv_heads(setup):
+    config, model, batch = setup
+    frame_size = tuple(config.data.frame_size)
+    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2), max_segments=8, dvr_placement="device")
+    arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
+    single = streaming.stream_prompt(model.llm, arrays, cfg, frame_size)
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
+    graphdef, state = nnx.split(model.llm)
+    with jax.set_mesh(mesh):
+        llm = nnx.merge(graphdef, jax.device_put(state, parallel.state_shardings(state, mesh)))
+        sharded = streaming.stream_prompt(llm, arrays, cfg, frame_size)
+    keys = sharded.memory.keys
+    # The rules' spec for [layers, batch, cache_time, kv_heads, head_dim] at this shape (axes that
+    # do not divide a dimension, like the tiny model's single KV head over tensor=2, are dropped).
+    want = parallel.logical_to_spec(CACHE_AXES, keys.shape, mesh)
+    assert "fsdp" in str(want[1])
+    assert keys.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, want), keys.ndim), keys.sharding
+    np.testing.assert_allclose(np.asarray(sharded.memory.keys), np.asarray(single.memory.keys), atol=2e-5)
+    np.testing.assert_allclose(sharded.frame_states, single.frame_states, atol=2e-5)
+
+
+def test_pallas_kernel_in_interpret_mode_streams_like_the_reference(setup):
+    config, model, batch = setup
+    frame_size = tuple(config.data.frame_size)
+    memories = []
+    for impl in ("reference", "pallas_interpret"):
+        cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2, impl=impl), max_segments=8)
+        arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
+        memories.append(streaming.stream_prompt(model.llm, arrays, cfg, frame_size).memory)
+    np.testing.assert_allclose(np.asarray(memories[0].keys), np.asarray(memories[1].keys), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(memories[0].values), np.asarray(memories[1].values), atol=1e-6)

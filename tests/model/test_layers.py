@@ -45,6 +45,22 @@ def test_attention_matches_numpy(t, s, offset):
         np.testing.assert_allclose(np.asarray(dense)[rows], np.asarray(got)[rows], atol=1e-5)
 
 
+@pytest.mark.parametrize("t,memory", [(150, 90), (64, 30), (20, 0)])
+def test_memory_attention_matches_numpy(t, memory):
+    """New tokens over [memory (all visible where valid) | themselves (causal)], in sequential
+    query blocks, including a ragged last block."""
+    rng = np.random.default_rng(t + memory)
+    s = memory + t
+    q = rng.standard_normal((2, t, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, s, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((2, s, 2, 8)).astype(np.float32)
+    key_valid = rng.random((2, s)) < 0.8
+    key_valid[:, memory:] = True
+    want = numpy_attention(q, k, v, key_valid, memory)
+    got = layers.memory_attention(q, k, v, key_valid, memory_size=memory, block_size=32)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 def test_mrope_hand_case():
     """head_dim 8, sections (1, 2, 1): band 0 follows t, bands 1-2 follow h, band 3 follows w."""
     positions = jnp.array([[[3]], [[5]], [[7]]])  # [3, B=1, T=1]
