@@ -36,13 +36,14 @@ def get_config(arg=None):
     config = meco.get_config()
     config.method = "timescope"
 
-    # Long synthetic videos: 2-5 minutes at 1 fps = 120-300 frames (60-150 temporal grids).
+    # Long synthetic videos: 100-200 s at 1 fps = 100-200 frames (50-100 temporal grids, up to 13
+    # segments), events of 5-15% of the video (5-30 s).
     config.data.synthetic_name = "synthetic_long"
-    config.data.max_frames = 320
+    config.data.max_frames = 200
     config.data.synthetic_train_videos = 400
     config.data.synthetic_eval_videos = 80
-    config.data.scene.min_duration = 120.0
-    config.data.scene.max_duration = 300.0
+    config.data.scene.min_duration = 100.0
+    config.data.scene.max_duration = 200.0
     config.data.scene.min_event_fraction = 0.05
     config.data.scene.max_event_fraction = 0.15
     config.encoder.max_tokens = 4096
@@ -53,7 +54,7 @@ def get_config(arg=None):
     config.streaming.hvr_spatial = 1  # tokens pooled within a grid
     config.streaming.hvr_impl = "auto"  # Pallas kernel on GPU/TPU, jnp reference on CPU
     config.streaming.recent_segments = 0  # preceding segments a segment also sees in full
-    config.streaming.max_segments = 20  # buffer capacity: 20 x 16 = 320 frames
+    config.streaming.max_segments = 13  # buffer capacity: 13 x 16 = 208 frames
     config.streaming.dvr_placement = "auto"  # device | pinned_host | host | auto
 
     config.coarse_to_fine = ml_collections.ConfigDict()
@@ -63,5 +64,6 @@ def get_config(arg=None):
     config.coarse_to_fine.jitter = 0.5
 
     config.train.batch_size = 4
+    config.train.steps = 1000
     config.eval.batch_size = 8
     return apply_presets(config, arg, PRESETS)

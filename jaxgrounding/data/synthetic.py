@@ -3,8 +3,10 @@
 ``ensure_synthetic_dataset(root, config)`` renders scenes (see ``synthetic_scenes``),
 encodes them as real h264/yuv420p mp4 files with PyAV (so training exercises the same
 decode path as real data) and writes one generic-JSONL annotation file per split.
-``root/manifest.json`` records the config and the files; a second call with the same
-config only reads the annotations, a different config wipes and regenerates. Output is
+``root/manifest.json`` records the config (every SceneConfig field included, e.g.
+``transient``, and GENERATOR_VERSION) and the files; a second call with the same config
+only reads the annotations, any difference (a knob changed, or a manifest written before
+a knob existed) wipes and regenerates. Output is
 a pure function of the config (seeded per split and video).
 """
 
@@ -24,7 +26,7 @@ from jaxgrounding.data import synthetic_scenes as scenes
 from jaxgrounding.data.sample import Sample
 
 # Bump when rendering or text changes, so stale datasets on disk are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 

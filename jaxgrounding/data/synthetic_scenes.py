@@ -6,6 +6,18 @@ grow, shrink, appear, disappear, bounce, change colour); events never overlap in
 their windows are snapped to the frame grid and placed uniformly at random, so only a
 model that looks at the frames can localise them. Every event yields a query (explicit
 or task-oriented phrasing), a query-focused caption and its verb lemmas.
+
+Events come in two flavours (``SceneConfig.transient``):
+
+- state changes (``transient=False``): the object goes from one state to another over
+  the window and stays in the new state (it moves and stays moved, grows and stays big).
+  A frame inside the window differs from the frames around it only by being "in between",
+  so finding the window means comparing frames across time;
+- transient events (``transient=True``, the default): the object is in an altered state
+  (displaced, bigger, smaller, tilted, visible, hidden, hopping, recoloured) on exactly the
+  frames of the window and back to its resting state outside it. Every frame of the window
+  then differs from every frame outside all windows by what it shows alone, which a small
+  model trained from scratch for minutes can learn (it did not learn the state changes).
 """
 
 import dataclasses
@@ -56,6 +68,38 @@ _CAPTION = {
     "bounce": "The {obj} bounces up and down.",
     "change_colour": "The {obj} gradually turns {new_colour}.",
 }
+# Transient events: the object is altered on the window's frames only, and the text says so
+# (a "bigger" query, a caption that ends with the return to rest).
+_TRANSIENT_EXPLICIT = {
+    "move": "when is the {obj} shifted {direction} of its place?",
+    "spin": "when is the {obj} turned at an angle?",
+    "grow": "when is the {obj} bigger?",
+    "shrink": "when is the {obj} smaller?",
+    "appear": "when is the {obj} visible?",
+    "disappear": "when is the {obj} gone?",
+    "bounce": "when does the {obj} hop above its place?",
+    "change_colour": "when is the {obj} {new_colour}?",
+}
+_TRANSIENT_TASK = {
+    "move": "find the moment the {obj} steps {direction} and has not yet come back.",
+    "spin": "locate the part of the video where the {obj} is tilted.",
+    "grow": "find the segment in which the {obj} is larger than usual.",
+    "shrink": "find the segment in which the {obj} is smaller than usual.",
+    "appear": "find when the {obj} shows up in the scene.",
+    "disappear": "find when the {obj} is missing from the scene.",
+    "bounce": "locate the moment the {obj} hops up and down.",
+    "change_colour": "find when the {obj} looks {new_colour}.",
+}
+_TRANSIENT_CAPTION = {
+    "move": "The {obj} jumps {direction}, stays there, then returns to its place.",
+    "spin": "The {obj} turns at an angle, then snaps back upright.",
+    "grow": "The {obj} swells to about one and a half times its size, then returns to its size.",
+    "shrink": "The {obj} shrinks to about half its size, then returns to its size.",
+    "appear": "The {obj} shows up for a while, then vanishes again.",
+    "disappear": "The {obj} vanishes for a while, then comes back.",
+    "bounce": "The {obj} hops up and down above its place, then lands.",
+    "change_colour": "The {obj} turns {new_colour} for a while, then back to {colour}.",
+}
 _VERBS = {
     "move": ("move",),
     "spin": ("spin",),
@@ -79,6 +123,12 @@ class SceneConfig:
     min_event_fraction, max_event_fraction: event length as a fraction of the video.
     task_phrasing: probability of the task-oriented phrasing instead of the explicit one.
     object_scale: object radius as a fraction of the frame side (larger = easier to see).
+    grid: objects rest at the centres of distinct cells of a grid x grid layout. 2 matches
+      the 2 x 2 visual tokens of a 56-px frame in Qwen2.5-VL (14-px patches merged 2 x 2), so
+      each object sits in one token at rest; 3 matches 84-px frames the same way.
+    transient: events alter the object on their window's frames only (see the module
+      docstring); False gives the older state changes, which persist after the window.
+    event_kinds: the kinds events are drawn from (a subset of EVENT_KINDS).
     """
 
     min_duration: float = 20.0
@@ -91,7 +141,19 @@ class SceneConfig:
     min_event_fraction: float = 0.1
     max_event_fraction: float = 0.3
     task_phrasing: float = 0.5
-    object_scale: float = 0.13
+    object_scale: float = 0.16
+    grid: int = 2
+    transient: bool = True
+    event_kinds: tuple[str, ...] = EVENT_KINDS
+
+    def __post_init__(self):
+        # Circles never spin, so every object needs a kind other than spin.
+        if set(self.event_kinds) - set(EVENT_KINDS) or not set(self.event_kinds) - {"spin"}:
+            raise ValueError(f"event_kinds must be a subset of {EVENT_KINDS} with a kind other than spin")
+        # Configs arrive from JSON / ml_collections as lists; a tuple keeps the dataclass hashable.
+        object.__setattr__(self, "event_kinds", tuple(self.event_kinds))
+        if not 1 <= self.max_objects <= min(len(SHAPES), self.grid * self.grid):
+            raise ValueError(f"max_objects must be in [1, min({len(SHAPES)}, grid * grid)], got {self.max_objects}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +165,8 @@ class Event:
     direction: str | None = None
     new_colour: str | None = None
     hops: int = 1  # bounce: one hop per ~4 frames, so every hop is seen by some frame.
+    distance: float = 0.0  # move: pixels travelled (set by sample_scene)
+    transient: bool = False  # altered on the window's frames only, at rest outside it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +217,14 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     colour_names = list(COLOURS)
     colours = [colour_names[i] for i in rng.permutation(len(colour_names))]
     radius = cfg.size * cfg.object_scale
-    # Objects start in distinct cells of a 3x3 grid so they rarely overlap.
-    cells = rng.permutation(9)[:num_objects]
+    # Objects start in distinct cells of the grid so they rarely overlap.
+    cells = rng.permutation(cfg.grid * cfg.grid)[:num_objects]
     objects = tuple(
         SceneObject(
             shape=str(shapes[i]),
             colour=colours[i],
-            x=(cells[i] % 3 + 0.5) * cfg.size / 3,
-            y=(cells[i] // 3 + 0.5) * cfg.size / 3,
+            x=(cells[i] % cfg.grid + 0.5) * cfg.size / cfg.grid,
+            y=(cells[i] // cfg.grid + 0.5) * cfg.size / cfg.grid,
             radius=radius,
         )
         for i in range(num_objects)
@@ -171,22 +235,42 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     actors = rng.permutation(num_objects)[: len(windows)]
     events = []
     for (start, end), obj in zip(windows, actors):
-        kinds = [k for k in EVENT_KINDS if not (k == "spin" and objects[obj].shape == "circle")]
+        kinds = [k for k in cfg.event_kinds if not (k == "spin" and objects[obj].shape == "circle")]
         kind = str(rng.choice(kinds))
         direction = new_colour = None
+        distance = 0.0
         if kind == "move":
-            # Only directions with room for a move of 1/3 of the frame.
             o = objects[obj]
+            if cfg.transient:
+                # Half a cell: the displaced object sits between resting places, so a single
+                # frame shows it is off its place (a whole cell would look like a resting object).
+                distance = cfg.size / cfg.grid / 2
+                lo, hi = o.radius, cfg.size - o.radius
+            else:
+                # 1/3 of the frame; the centre stays inside it.
+                distance, lo, hi = cfg.size / 3, 0, cfg.size
             room = [
                 d
                 for d, (dx, dy) in _DIRECTIONS.items()
-                if 0 < o.x + dx * cfg.size / 3 < cfg.size and 0 < o.y + dy * cfg.size / 3 < cfg.size
+                if lo < o.x + dx * distance < hi and lo < o.y + dy * distance < hi
             ]
             direction = str(rng.choice(room))
         elif kind == "change_colour":
             new_colour = str(rng.choice(spare_colours))
         hops = max(1, (end - start) // 4)
-        events.append(Event(kind, int(obj), start / cfg.fps, end / cfg.fps, direction, new_colour, hops))
+        events.append(
+            Event(
+                kind,
+                int(obj),
+                start / cfg.fps,
+                end / cfg.fps,
+                direction=direction,
+                new_colour=new_colour,
+                hops=hops,
+                distance=distance,
+                transient=cfg.transient,
+            )
+        )
     background = tuple(int(c) for c in rng.integers(20, 90, size=3))
     return Scene(num_frames, cfg.fps, cfg.size, background, objects, tuple(events))
 
@@ -198,16 +282,59 @@ def _progress(t: float, event: Event) -> float:
     return min(max((t - event.start) / (event.end - event.start), 0.0), 1.0)
 
 
+# Frame times are k / fps, a window end is snapped to the same grid: compare with slack.
+_TIME_EPS = 1e-6
+
+
+def _transient_state(event: Event, t: float, size: int, state: list) -> None:
+    """Applies a transient event to ``state`` = [x, y, radius, angle, rgb, alpha] in place.
+
+    Outside [start, end] the object rests, so only "appear" changes anything there (the
+    object is hidden at rest). Inside, the change is at full strength on every frame (no
+    ramp), so each frame of the window can be told from the resting scene on its own.
+    """
+    inside = event.start - _TIME_EPS <= t <= event.end + _TIME_EPS
+    if event.kind == "appear":
+        state[5] = float(inside)
+    if not inside:
+        return
+    p = _progress(t, event)
+    if event.kind == "move":
+        dx, dy = _DIRECTIONS[event.direction]
+        state[0] += dx * event.distance
+        state[1] += dy * event.distance
+    elif event.kind == "spin":
+        # Between 1/16 and 3/16 of a turn: never a symmetry of a square, diamond (1/4 turn) or
+        # triangle (1/3 turn), so every frame shows the object tilted, and the tilt still moves.
+        state[3] = math.pi / 8 + math.pi / 4 * p
+    elif event.kind == "grow":
+        state[2] *= 1.5
+    elif event.kind == "shrink":
+        state[2] *= 0.5
+    elif event.kind == "disappear":
+        state[5] = 0.0
+    elif event.kind == "bounce":
+        # Always at least half a hop up, so no frame of the window shows the object at rest.
+        state[1] -= (0.5 + 0.5 * abs(math.sin(event.hops * math.pi * p))) * size / 6
+    elif event.kind == "change_colour":
+        state[4] = np.array(COLOURS[event.new_colour], np.float32)
+
+
 def _object_state(obj: SceneObject, events: list[Event], t: float, size: int):
     """(x, y, radius, angle, rgb, alpha) of an object at time t."""
     x, y, radius, angle = obj.x, obj.y, obj.radius, 0.0
     rgb = np.array(COLOURS[obj.colour], np.float32)
     alpha = 1.0
     for event in events:
+        if event.transient:
+            state = [x, y, radius, angle, rgb, alpha]
+            _transient_state(event, t, size, state)
+            x, y, radius, angle, rgb, alpha = state
+            continue
         p = _progress(t, event)
         if event.kind == "move":
             dx, dy = _DIRECTIONS[event.direction]
-            x, y = x + dx * p * size / 3, y + dy * p * size / 3
+            x, y = x + dx * p * event.distance, y + dy * p * event.distance
         elif event.kind == "spin":
             # 3/8 of a turn: no step of it is a symmetry of a square, triangle or diamond,
             # so every frame of the spin differs from the one before.
@@ -277,12 +404,17 @@ def describe(scene: Scene, event: Event, rng: np.random.Generator, task_phrasing
     obj = scene.objects[event.obj]
     fields = {
         "obj": f"{obj.colour} {obj.shape}",
+        "colour": obj.colour,
         "direction": event.direction,
         "new_colour": event.new_colour,
     }
-    template = _TASK if rng.random() < task_phrasing else _EXPLICIT
+    if event.transient:
+        task, explicit, caption = _TRANSIENT_TASK, _TRANSIENT_EXPLICIT, _TRANSIENT_CAPTION
+    else:
+        task, explicit, caption = _TASK, _EXPLICIT, _CAPTION
+    template = task if rng.random() < task_phrasing else explicit
     return EventText(
         query=template[event.kind].format(**fields),
-        caption=_CAPTION[event.kind].format(**fields),
+        caption=caption[event.kind].format(**fields),
         verbs=_VERBS[event.kind],
     )

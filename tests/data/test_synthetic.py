@@ -1,9 +1,11 @@
 """The synthetic set: idempotent, deterministic, decodable, and learnable only from frames."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
+import pytest
 
 from jaxgrounding.data import SyntheticConfig, ensure_synthetic_dataset, read_video
 from jaxgrounding.data import synthetic_scenes as scenes
@@ -47,28 +49,119 @@ def test_deterministic_for_a_seed(tmp_path):
     np.testing.assert_array_equal(read_video(a[0].video, fps=None).frames, read_video(b[0].video, fps=None).frames)
 
 
-def test_events_are_visible_only_inside_their_windows(synthetic_small):
-    """Each event changes the picture; outside all events nothing changes."""
-    _, splits = synthetic_small
+def _windows_by_video(splits):
     by_video = {}
     for sample in splits["train"] + splits["val"]:
         by_video.setdefault(sample.video, []).append(sample.windows[0])
-    for path, windows in by_video.items():
+    return by_video
+
+
+def _changed(a, b):
+    """Pixels that differ by more than codec noise."""
+    return int((np.abs(a.astype(np.int16) - b.astype(np.int16)).max(-1) > 20).sum())
+
+
+def test_transient_events_are_visible_on_every_frame_of_their_windows(synthetic_small):
+    """The default (transient) set: all frames outside the windows show the same resting scene,
+    and every frame inside a window differs from it on its own, with no need to compare frames
+    across time."""
+    _, splits = synthetic_small
+    for path, windows in _windows_by_video(splits).items():
         video = read_video(path, fps=None)
-        frames = video.frames.astype(np.int16)
-        t = video.timestamps
+        frames, t = video.frames, video.timestamps
+        inside = np.zeros(len(t), bool)
+        for start, end in windows:
+            inside |= (t >= start - 1e-6) & (t <= end + 1e-6)
+        assert (~inside).any(), path
+        rest = frames[np.flatnonzero(~inside)[0]]
+        for k in np.flatnonzero(~inside):
+            assert _changed(frames[k], rest) <= 8, (path, t[k])  # Codec noise only.
+        for k in np.flatnonzero(inside):
+            assert _changed(frames[k], rest) >= 20, (path, t[k])
 
-        def changed(a, b):  # Pixels that differ by more than codec noise.
-            return int((np.abs(a - b).max(-1) > 20).sum())
 
+def test_state_changes_happen_only_inside_their_windows(tmp_path):
+    """The older family (state changes, 3 x 3 layout): each event changes the picture over its
+    window, and nothing changes between two frames unless a window lies between them."""
+    old = scenes.SceneConfig(transient=False, grid=3, object_scale=0.13)
+    config = SyntheticConfig(splits=(("train", 8),), scene=old)
+    splits = ensure_synthetic_dataset(tmp_path, config)
+    for path, windows in _windows_by_video({"train": splits["train"], "val": []}).items():
+        video = read_video(path, fps=None)
+        frames, t = video.frames, video.timestamps
         inside = np.zeros(len(t) - 1, bool)  # Step k goes from frame k to frame k+1.
         for start, end in windows:
             in_window = np.nonzero((t >= start) & (t <= end))[0]
             first = frames[in_window[0]]
-            assert max(changed(frames[k], first) for k in in_window) >= 20, (path, start)
+            assert max(_changed(frames[k], first) for k in in_window) >= 20, (path, start)
             inside |= (t[1:] > start) & (t[:-1] < end)
         for k in np.nonzero(~inside)[0]:
-            assert changed(frames[k + 1], frames[k]) == 0, (path, t[k])
+            assert _changed(frames[k + 1], frames[k]) == 0, (path, t[k])
+
+
+def test_transient_text_says_the_object_returns():
+    """Transient queries ask for a state ("bigger"), captions end with the return to rest."""
+    rng = np.random.default_rng(0)
+    for transient in (True, False):
+        cfg = scenes.SceneConfig(transient=transient)
+        for _ in range(30):
+            scene = scenes.sample_scene(rng, cfg)
+            for event in scene.events:
+                assert event.transient == transient
+                text = scenes.describe(scene, event, rng, cfg.task_phrasing)
+                obj = scene.objects[event.obj]
+                assert f"{obj.colour} {obj.shape}" in text.query and f"{obj.colour} {obj.shape}" in text.caption
+                assert ("then" in text.caption) == transient, text.caption
+
+
+def test_event_kinds_restricts_the_events():
+    cfg = scenes.SceneConfig(event_kinds=["grow", "appear"])  # A list, as from a JSON config.
+    assert cfg.event_kinds == ("grow", "appear")
+    rng = np.random.default_rng(0)
+    kinds = {e.kind for _ in range(30) for e in scenes.sample_scene(rng, cfg).events}
+    assert kinds == {"grow", "appear"}
+    with pytest.raises(ValueError):
+        scenes.SceneConfig(event_kinds=("spin",))  # Circles cannot spin.
+    with pytest.raises(ValueError):
+        scenes.SceneConfig(event_kinds=("explode",))
+    with pytest.raises(ValueError):
+        scenes.SceneConfig(grid=1, max_objects=2)  # Objects need distinct cells.
+
+
+def test_manifest_records_the_scene_and_a_scene_change_regenerates(tmp_path):
+    config = SyntheticConfig(splits=(("train", 2),))
+    first = ensure_synthetic_dataset(tmp_path, config)
+    with open(tmp_path / "manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["config"]["scene"] == json.loads(json.dumps(dataclasses.asdict(config.scene)))
+    assert manifest["config"]["scene"]["transient"] is True
+    stamp = os.stat(first["train"][0].video).st_mtime_ns
+
+    changed = dataclasses.replace(config, scene=dataclasses.replace(config.scene, transient=False))
+    second = ensure_synthetic_dataset(tmp_path, changed)
+    assert [s.query for s in second["train"]] != [s.query for s in first["train"]]
+    assert os.stat(second["train"][0].video).st_mtime_ns != stamp
+    with open(tmp_path / "manifest.json") as f:
+        assert json.load(f)["config"]["scene"]["transient"] is False
+
+
+def test_manifest_from_an_older_generator_regenerates(tmp_path):
+    """A set written before a scene knob existed has no such key in its manifest: it must not
+    be taken for the current default."""
+    config = SyntheticConfig(splits=(("train", 2),))
+    first = ensure_synthetic_dataset(tmp_path, config)
+    path = tmp_path / "manifest.json"
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["config"]["scene"]["transient"]
+    manifest["config"]["version"] -= 1
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    stamp = os.stat(first["train"][0].video).st_mtime_ns
+    assert ensure_synthetic_dataset(tmp_path, config) == first
+    assert os.stat(first["train"][0].video).st_mtime_ns != stamp
+    with open(path) as f:
+        assert json.load(f)["config"] == json.loads(json.dumps(config.to_json()))
 
 
 def test_best_constant_window_scores_low(synthetic_small):
