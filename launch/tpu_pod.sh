@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on every worker of a Cloud TPU VM pod slice.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE -- --config configs/meco.py:model=qwen2_5_vl_7b --workdir gs://bucket/runs/meco
+#   launch/tpu_pod.sh TPU_NAME ZONE -- --config configs/timescope.py:model=qwen2_5_vl_7b --workdir gs://bucket/runs/ts
 #
 # Copies this checkout to all workers, installs it into a virtualenv there (first run only) and
 # starts `python -m jaxgrounding.train` on all of them at once. JAX finds the other hosts of the

@@ -30,6 +30,38 @@ def micro_config(data_root):
     return config
 
 
+def first_batch(config, workdir: str, batch_size: int = 2):
+    """(checkpoint dir, first training batch) of `config`'s synthetic set: the base checkpoint and
+    the data are created on first use, as the train command does."""
+    from jaxgrounding import data as data_lib
+    from jaxgrounding.tasks.encoding import StructuralEncoder
+    from jaxgrounding.training import experiment
+
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
+    pipeline = experiment.pipeline_config(config, train=True, batch_size=batch_size)
+    return checkpoint, next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
+
+
+def ground(root, workdir: str, *flags: str) -> dict:
+    """Runs `jaxgrounding.ground --json` on the first evaluated video of `workdir`; its answer."""
+    import subprocess
+    import sys
+
+    with open(os.path.join(workdir, "eval", "predictions.jsonl")) as f:
+        first = json.loads(f.readline())
+    video = os.path.join(root, "data", first["id"].rsplit("/", 1)[0] + ".mp4")
+    command = [sys.executable, "-m", "jaxgrounding.ground", "--model", workdir, "--video", video]
+    command += ["--query", "when is the red circle bigger?", "--json", *flags]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["windows"] and all(
+        0 <= w["start"] <= w["end"] <= answer["duration"] + 1e-6 for w in answer["windows"]
+    )
+    return answer
+
+
 def losses(workdir):
     with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -89,36 +121,7 @@ def test_evaluate_from_latest_checkpoint_matches_training_eval(uninterrupted):
 
 
 def test_ground_command_prints_windows_and_plots(uninterrupted, tmp_path):
-    import subprocess
-    import sys
-
     root, workdir, _ = uninterrupted
-    with open(os.path.join(workdir, "eval", "predictions.jsonl")) as f:
-        first = json.loads(f.readline())
-    video = os.path.join(root, "data", first["id"].rsplit("/", 1)[0] + ".mp4")
     plot = tmp_path / "similarity.png"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxgrounding.ground",
-            "--model",
-            workdir,
-            "--video",
-            video,
-            "--query",
-            "when does the red circle move left?",
-            "--json",
-            "--plot",
-            str(plot),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert answer["windows"] and all(
-        0 <= w["start"] <= w["end"] <= answer["duration"] + 1e-6 for w in answer["windows"]
-    )
+    ground(root, workdir, "--plot", str(plot))
     assert plot.stat().st_size > 10_000

@@ -10,7 +10,7 @@ import pytest
 from configs import timescope
 from jaxgrounding import metrics
 from jaxgrounding.train import train_and_evaluate
-from tests.test_train import losses
+from tests.test_train import ground, losses
 
 
 def micro_config(data_root):
@@ -72,33 +72,6 @@ def test_streamed_run_resumes_exactly(run):
 
 
 def test_ground_command_streams(run):
-    import subprocess
-    import sys
-
     root, workdir, _ = run
-    with open(os.path.join(workdir, "eval", "predictions.jsonl")) as f:
-        first = json.loads(f.readline())
-    video = os.path.join(root, "data", first["id"].rsplit("/", 1)[0] + ".mp4")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxgrounding.ground",
-            "--model",
-            workdir,
-            "--video",
-            video,
-            "--query",
-            "when does the red circle move left?",
-            "--memory",
-            "streaming",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "coarse" in answer and answer["windows"]
-    assert all(0 <= w["start"] <= w["end"] <= answer["duration"] + 1e-6 for w in answer["windows"])
+    answer = ground(root, workdir, "--memory", "streaming")
+    assert len(answer["coarse"]["reloaded_segments"]) <= 2

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgrounding import data as data_lib
 from jaxgrounding import parallel, sampling
 from jaxgrounding.memory import streaming
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.decoder import CACHE_AXES, KVCache, Memory
 from jaxgrounding.objectives.structural import pool_frame_states
-from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
 from jaxgrounding.training.sft import batch_inputs, batch_plan, device_batch
-from tests.test_train import micro_config
+from tests.test_train import first_batch, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
     config = micro_config(root / "data")
     workdir = str(root / "run")
-    train, _ = experiment.load_samples(config, workdir)
-    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
-    batch = next(
-        iter(data_lib.make_pipeline(train, experiment.pipeline_config(config, train=True, batch_size=2), encoder))
-    )
+    checkpoint, batch = first_batch(config, workdir)
     model, _ = experiment.build_model(config, checkpoint)
     return config, model, batch
 

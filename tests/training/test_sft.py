@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgrounding import data as data_lib
 from jaxgrounding.training import experiment
 from jaxgrounding.training.sft import SFTTrainer, device_batch, batch_inputs, batch_plan
-from tests.test_train import micro_config
+from tests.test_train import first_batch, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +14,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     config = micro_config(root / "data")
     workdir = str(root / "run")
-    train, _ = experiment.load_samples(config, workdir)
-    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    from jaxgrounding.tasks.encoding import StructuralEncoder
-
-    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
-    pipeline = experiment.pipeline_config(config, train=True, batch_size=2)
-    batch = next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
+    checkpoint, batch = first_batch(config, workdir)
     return config, checkpoint, batch
 
 
