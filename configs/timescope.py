@@ -37,15 +37,17 @@ def get_config(arg=None):
     config.method = "timescope"
 
     # Long synthetic videos: 100-200 s at 1 fps = 100-200 frames (50-100 temporal grids, up to 13
-    # segments), events of 5-15% of the video (5-30 s).
+    # segments), one event of 10-30% of the video (10-60 s) each. With two events of 5-15%, held-out
+    # R1@0.5 varied from 52 to 69 over seeds in 1000-1400 steps; one event of 10-30% gave 87.5.
     config.data.synthetic_name = "synthetic_long"
     config.data.max_frames = 200
     config.data.synthetic_train_videos = 400
     config.data.synthetic_eval_videos = 80
     config.data.scene.min_duration = 100.0
     config.data.scene.max_duration = 200.0
-    config.data.scene.min_event_fraction = 0.05
-    config.data.scene.max_event_fraction = 0.15
+    config.data.scene.max_events = 1
+    config.data.scene.min_event_fraction = 0.1
+    config.data.scene.max_event_fraction = 0.3
     config.encoder.max_tokens = 4096
 
     config.streaming = ml_collections.ConfigDict()

@@ -107,9 +107,6 @@ def _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid, a
         kinds = [kind_of_id[int(generated[i])] for i in where]
         frames = int(frame_valid[b].sum())
         sim = sims[b][where][:, :frames] if where else np.zeros((0, frames), np.float32)
-        if allowed is not None:
-            # Frames outside the region cannot win any token (finite, so the softmax stays defined).
-            sim = np.where(allowed[b][:frames][None], sim, sim.min(initial=0.0) - 1e4)
         times = np.asarray(batch["grid_times"][b][:frames], np.float64)
         duration = float(batch["duration"][b])
         grid_duration = float(batch["grid_duration"][b])
@@ -122,6 +119,7 @@ def _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid, a
             threshold=assignment.threshold,
             dilation=assignment.dilation,
             nms_iou=assignment.nms_iou,
+            allowed=None if allowed is None else allowed[b][:frames],
         )
         text = tokenizer.tokenizer.decode(generated, skip_special_tokens=False)
         predictions.append(Prediction(text, windows, sim, kinds, times, grid_duration))

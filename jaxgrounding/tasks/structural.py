@@ -192,6 +192,7 @@ def assign_windows(
     threshold: float | None = 0.7,
     dilation: int = 1,
     nms_iou: float = 0.7,
+    allowed: np.ndarray | None = None,
 ) -> list[GroundedWindow]:
     """Event windows (seconds) from the similarities of K generated structural tokens to F frames.
 
@@ -211,6 +212,11 @@ def assign_windows(
     Score of a window: the token's largest softmax-over-time probability over the run's frames
     (the reference's confidence). The rescaled similarity is 1 at every token's peak, so it
     cannot rank one token's windows against another's; the probability can.
+
+    `allowed` ([F] bool, TimeScope's fine stage): only these frames can be kept. Probabilities
+    and the rescaling still run over every frame, so a token whose mass lies outside the region
+    (a leading `<tst>` before a reloaded event) does not have it renormalised onto the region's
+    first frames, which masking the logits would do.
 
     Windows from all `<ent>` tokens are ranked by score (stable: token order, then time, on ties)
     and greedy NMS drops any with tIoU >= nms_iou against an already kept one. When nothing
@@ -238,6 +244,11 @@ def assign_windows(
     probs_kf = np.exp(shifted_kf)
     probs_kf /= probs_kf.sum(axis=1, keepdims=True)
     owned_kf = probs_kf >= probs_kf.max(axis=0, keepdims=True)
+    if allowed is not None:
+        allowed = np.asarray(allowed, bool)
+        if allowed.shape != (num_frames,):
+            raise ValueError(f"allowed has shape {allowed.shape}, want ({num_frames},)")
+        owned_kf &= allowed[None]
 
     low_k1 = similarity_kf.min(axis=1, keepdims=True)
     span_k1 = similarity_kf.max(axis=1, keepdims=True) - low_k1

@@ -200,6 +200,23 @@ def test_single_clean_event():
     assert windows_of(assign_windows(similarity_kf, kinds, frame_times, 1.0, 10.0, dilation=0)) == [(3.0, 7.0, 1)]
 
 
+def test_allowed_frames_restrict_the_windows_without_renormalising():
+    """The fine stage keeps frames 4..9 only. The leading <tst> owns frames 0..3 (outside); with
+    full-video probabilities the event token still owns 4..6. Masking the logits instead would
+    renormalise the <tst> row onto frames 4..9, where it would win frame 4 (the old bug)."""
+    similarity_kf = blocks(10, (range(0, 4), 10.0), (range(4, 7), 6.0), (range(7, 10), 10.0))
+    similarity_kf[0, 4] = 5.0  # the leading <tst> leans a little into the event's first frame
+    kinds = ["tst", "ent", "tst"]
+    allowed = np.arange(10) >= 4
+    result = assign_windows(similarity_kf, kinds, np.arange(10.0), 1.0, 10.0, dilation=0, allowed=allowed)
+    assert windows_of(result) == [(4.0, 7.0, 1)]
+    masked = np.where(allowed[None], similarity_kf, -1e4)
+    assert windows_of(assign_windows(masked, kinds, np.arange(10.0), 1.0, 10.0, dilation=0)) == [(5.0, 7.0, 1)]
+    # Nothing allowed: nothing kept, the whole-video fallback.
+    none = assign_windows(similarity_kf, kinds, np.arange(10.0), 1.0, 10.0, allowed=np.zeros(10, bool))
+    assert windows_of(none) == [(0.0, 10.0, -1)]
+
+
 def test_frames_are_assigned_by_softmax_over_time_not_over_tokens():
     # The transition row is flat at 5 (p = 1/10 everywhere); the event row is 3 on frame 4 only
     # (p = e^3 / (e^3 + 9) = 0.69 there). Over tokens the transition would win frame 4 (5 > 3).
