@@ -21,6 +21,7 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import inference
 from jaxgrounding.data.padding import pad_and_stack
 from jaxgrounding.data.sample import Sample
+from jaxgrounding.memory.streaming import StreamingConfig
 from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
 
@@ -38,7 +39,10 @@ _MEMORY = flags.DEFINE_enum(
 )
 
 
-def plot(prediction: inference.Prediction, duration: float, query: str, path: str) -> None:
+def plot(prediction: inference.Prediction, duration: float, query: str, path: str, segment_frames: int = 0) -> None:
+    """Similarity of each generated structural token to every frame over time, the ranked windows
+    shaded green; for a coarse-to-fine prediction also the coarse window (dashed) and the span
+    whose DVR the fine stage reloaded (grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +53,16 @@ def plot(prediction: inference.Prediction, duration: float, query: str, path: st
     for k, kind in enumerate(prediction.kinds):
         style = "-" if kind == "ent" else ":"
         ax.plot(centers, prediction.similarity[k], style, marker=".", label=f"<{kind}> #{k}")
+    if prediction.reloaded and segment_frames:
+        times = prediction.frame_times
+        for k in prediction.reloaded:
+            first, last = k * segment_frames, min((k + 1) * segment_frames, times.size) - 1
+            if first < times.size:
+                ax.axvspan(times[first], times[last] + prediction.frame_duration, color="0.85", zorder=0)
+    if prediction.coarse is not None and prediction.coarse.windows:
+        top = prediction.coarse.windows[0]
+        ax.axvline(top.start, ls="--", color="0.25", label="coarse window")
+        ax.axvline(top.end, ls="--", color="0.25")
     for rank, w in enumerate(prediction.windows):
         ax.axvspan(w.start, w.end, alpha=0.25 if rank == 0 else 0.1, color="tab:green")
         ax.text(w.start, ax.get_ylim()[1], f"#{rank + 1} {w.start:.1f}-{w.end:.1f}s", va="top", fontsize=8)
@@ -56,7 +70,7 @@ def plot(prediction: inference.Prediction, duration: float, query: str, path: st
     ax.set_xlabel("time (s)")
     ax.set_ylabel("token-frame similarity")
     ax.set_title(query, fontsize=10)
-    if prediction.kinds:
+    if prediction.kinds or prediction.coarse is not None:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -86,7 +100,8 @@ def main(argv):
         for w in prediction.windows
     ]
     if _PLOT.value:
-        plot(prediction, float(video.duration), _QUERY.value, _PLOT.value)
+        segment_frames = (experiment.streaming_config(config) or StreamingConfig()).segment_frames
+        plot(prediction, float(video.duration), _QUERY.value, _PLOT.value, segment_frames)
     coarse = None
     if prediction.coarse is not None:
         coarse = {

@@ -71,7 +71,9 @@ def test_streamed_run_resumes_exactly(run):
     assert got[3] == want[3] and got[4] == want[4]
 
 
-def test_ground_command_streams(run):
+def test_ground_command_streams(run, tmp_path):
     root, workdir, _ = run
-    answer = ground(root, workdir, "--memory", "streaming")
+    plot = tmp_path / "coarse_to_fine.png"
+    answer = ground(root, workdir, "--memory", "streaming", "--plot", str(plot))
     assert len(answer["coarse"]["reloaded_segments"]) <= 2
+    assert plot.stat().st_size > 10_000
