@@ -85,6 +85,7 @@ def get_config(arg=None):
     config.lora.rank = 128
     config.lora.alpha = 256.0
     config.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    config.lora.dropout = 0.05  # on the adapter input, training only (MeCo's value)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"  # or a format of jaxgrounding.data.load_annotations

@@ -97,8 +97,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     try:
         while step < config.train.steps:
             batch = next(batches)
+            # The step's dropout key: the run's key and the step, so a resumed run draws the same.
+            key = jax.random.fold_in(jax.device_get(state.rng), step)
             with jax.set_mesh(mesh):
-                metrics = trainer.step(batch)
+                metrics = trainer.step(batch, rng=key)
             step += 1
             if not np.isfinite(metrics["loss"]):
                 ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]

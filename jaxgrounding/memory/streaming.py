@@ -267,7 +267,7 @@ def embed_frames(llm, pixels: jax.Array, plan: dict) -> jax.Array:
 
 
 def segment_step(
-    llm, layout: BufferLayout, hvr: HVRConfig, memory: Memory, index, embeds, positions, valid
+    llm, layout: BufferLayout, hvr: HVRConfig, memory: Memory, index, embeds, positions, valid, dropout_key=None
 ) -> tuple[Memory, SegmentOutput]:
     """Segment `index` (traced int) through the decoder over the memory.
 
@@ -283,7 +283,9 @@ def segment_step(
     # not written yet) stays hidden.
     hidden_hvr = (slot_segment >= 0) & (slot_segment >= index - layout.recent_segments)
     visible = Memory(memory.keys, memory.values, memory.valid & ~hidden_hvr[None])
-    _, hidden, (keys, values) = llm.decoder.attend(embeds, positions, valid, visible, hidden_layers=(-1,))
+    _, hidden, (keys, values) = llm.decoder.attend(
+        embeds, positions, valid, visible, hidden_layers=(-1,), dropout_key=dropout_key
+    )
 
     frame_valid = valid.reshape(b, s, p)[..., 0]
     frame_states = hidden[-1].astype(jnp.float32).reshape(b, s, p, -1).mean(axis=2)
@@ -362,7 +364,14 @@ class StreamOutput:
 
 
 def stream_forward(
-    llm, layout: BufferLayout, hvr: HVRConfig, arrays: dict, plan: dict, reloaded: jax.Array, hidden_layers=()
+    llm,
+    layout: BufferLayout,
+    hvr: HVRConfig,
+    arrays: dict,
+    plan: dict,
+    reloaded: jax.Array,
+    hidden_layers=(),
+    dropout_key=None,
 ) -> StreamOutput:
     """The whole streamed prompt in one differentiable function (training): prefix, a `lax.scan`
     over the segments (inside, the decoder layers are rematerialised by the model's remat policy;
@@ -380,7 +389,8 @@ def stream_forward(
 
     def body(memory, xs):
         index, embeds, positions, valid = xs
-        return segment_step(llm, layout, hvr, memory, index, embeds, positions, valid)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        return segment_step(llm, layout, hvr, memory, index, embeds, positions, valid, key)
 
     pixels = arrays["segment_pixels"]
     embeds = embed_frames(llm, pixels.reshape(b, -1, pixels.shape[-1]), plan)
@@ -401,7 +411,10 @@ def stream_forward(
     context = answer_memory(layout, memory, dvr, dvr_segments)
     embeds = llm.decoder.embed(arrays["suffix_ids"])
     suffix_positions = jnp.moveaxis(arrays["suffix_positions"], 1, 0)
-    final, hidden, _ = llm.decoder.attend(embeds, suffix_positions, arrays["suffix_valid"], context, hidden_layers)
+    suffix_key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
+    final, hidden, _ = llm.decoder.attend(
+        embeds, suffix_positions, arrays["suffix_valid"], context, hidden_layers, dropout_key=suffix_key
+    )
     frame_states = jnp.moveaxis(out.frame_states, 0, 1).reshape(b, n * layout.segment_frames, -1)
     frame_valid = jnp.moveaxis(out.frame_valid, 0, 1).reshape(b, -1)
     return StreamOutput(final, hidden, frame_states, frame_valid)

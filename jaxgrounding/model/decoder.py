@@ -96,23 +96,24 @@ class Attention(nnx.Module):
             (t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"), use_bias=False, **kw
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None):
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None):
         """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t.
         With a cache ([B, S, Kh, D] each), the new keys and values are written at
         `causal_offset` and attention runs over the cache. With a memory ([B, M, Kh, D] each,
         keys rotated; key_valid then covers memory + new tokens and causal_offset is M), attention
         runs over memory + new tokens and the new keys are returned before RoPE."""
-        q = layers.apply_rotary(self.q_proj(x), cos, sin)
-        k_raw = self.k_proj(x)
+        drop = (None,) * 4 if dropout_key is None else tuple(jax.random.split(dropout_key, 4))
+        q = layers.apply_rotary(self.q_proj(x, drop[0]), cos, sin)
+        k_raw = self.k_proj(x, drop[1])
         k = layers.apply_rotary(k_raw, cos, sin)
-        v = self.v_proj(x)
+        v = self.v_proj(x, drop[2])
         q = parallel.constrain(q, ("batch", None, "heads", None))
         if memory_kv is not None:
             memory_k, memory_v = memory_kv
             keys = jnp.concatenate([memory_k.astype(q.dtype), k], axis=1)
             values = jnp.concatenate([memory_v.astype(q.dtype), v], axis=1)
             out = layers.memory_attention(q, keys, values, key_valid, memory_size=causal_offset)
-            return self.o_proj(out), (k_raw, v)
+            return self.o_proj(out, drop[3]), (k_raw, v)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, causal_offset, 0, 0))
@@ -120,7 +121,7 @@ class Attention(nnx.Module):
             k = parallel.constrain(k, CACHE_AXES[1:])
             v = parallel.constrain(v, CACHE_AXES[1:])
         out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, causal_offset=causal_offset)
-        return self.o_proj(out), (k, v)
+        return self.o_proj(out, drop[3]), (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -144,10 +145,14 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, causal_offset, cache_kv, memory_kv)
+    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None):
+        attn_key = mlp_key = None
+        if dropout_key is not None:
+            attn_key, mlp_key = jax.random.split(dropout_key)
+        normed = self.input_layernorm(x)
+        attn_out, kv = self.self_attn(normed, cos, sin, key_valid, causal_offset, cache_kv, memory_kv, attn_key)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), mlp_key)
         return parallel.constrain(x, ("batch", None, "embed")), kv
 
 
@@ -211,8 +216,9 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         hidden_layers: Sequence[int] = (),
         causal_offset: int | jax.Array = 0,
+        dropout_key: jax.Array | None = None,
     ):
-        """Runs the layers, causally.
+        """Runs the layers, causally. `dropout_key` (training only) turns on LoRA input dropout.
 
         embeds: [B, T, E]; positions: [3, B, T]; key_valid: [B, S] bool (S = T without a cache,
         the cache length with one); query t sits at key slot causal_offset + t (0 for a full
@@ -227,11 +233,11 @@ class Decoder(nnx.Module):
             positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
         )
 
-        def layer_fn(layer, h, kv):
-            return layer(h, cos, sin, key_valid, causal_offset, kv)
+        def layer_fn(layer, h, kv, key):
+            return layer(h, cos, sin, key_valid, causal_offset, kv, dropout_key=key)
 
         kv = None if cache is None else (cache.keys, cache.values)
-        h, hidden, new_kv = self._scan(embeds, layer_fn, kv, hidden_layers)
+        h, hidden, new_kv = self._scan(embeds, layer_fn, kv, hidden_layers, dropout_key)
         new_cache = None
         if cache is not None:
             new_cache = dataclasses.replace(cache, keys=new_kv[0], values=new_kv[1])
@@ -244,6 +250,7 @@ class Decoder(nnx.Module):
         valid: jax.Array,
         memory: Memory,
         hidden_layers: Sequence[int] = (),
+        dropout_key: jax.Array | None = None,
     ):
         """Runs new tokens against `memory` (all of it visible where valid) and causally among
         themselves.
@@ -258,16 +265,17 @@ class Decoder(nnx.Module):
         )
         key_valid = jnp.concatenate([memory.valid, valid], axis=1)
 
-        def layer_fn(layer, h, kv):
-            return layer(h, cos, sin, key_valid, memory.size, memory_kv=kv)
+        def layer_fn(layer, h, kv, key):
+            return layer(h, cos, sin, key_valid, memory.size, memory_kv=kv, dropout_key=key)
 
-        return self._scan(embeds, layer_fn, (memory.keys, memory.values), hidden_layers)
+        return self._scan(embeds, layer_fn, (memory.keys, memory.values), hidden_layers, dropout_key)
 
-    def _scan(self, embeds, layer_fn, per_layer_kv, hidden_layers):
+    def _scan(self, embeds, layer_fn, per_layer_kv, hidden_layers, dropout_key=None):
         """`lax.scan` over the stacked layers, split at the captured ones.
 
-        layer_fn(layer, h, kv) -> (h, new kv); per_layer_kv: None or a pair of [L, ...] arrays fed
-        to layer l as its kv. Returns (normed h, {index: hidden}, stacked new kv or None)."""
+        layer_fn(layer, h, kv, key) -> (h, new kv); per_layer_kv: None or a pair of [L, ...] arrays
+        fed to layer l as its kv; dropout_key: None or split into one key per layer. Returns
+        (normed h, {index: hidden}, stacked new kv or None)."""
         cfg = self.config
         n = cfg.text.num_layers
         wanted = sorted({i % (n + 1) for i in hidden_layers})
@@ -275,9 +283,11 @@ class Decoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         returns_kv = per_layer_kv is not None
 
+        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, n)
+
         def body(h, xs):
-            layer_state, kv = xs
-            h, new_kv = layer_fn(nnx.merge(graphdef, layer_state), h, kv)
+            layer_state, kv, key = xs
+            h, new_kv = layer_fn(nnx.merge(graphdef, layer_state), h, kv, key)
             return h, (new_kv if returns_kv else None)
 
         body = _remat(body, cfg.remat_policy)
@@ -289,7 +299,8 @@ class Decoder(nnx.Module):
                 captured[start] = h
             part = jax.tree.map(lambda a: a[start:stop], stacked)
             kv = None if not returns_kv else (per_layer_kv[0][start:stop], per_layer_kv[1][start:stop])
-            h, part_kv = jax.lax.scan(body, h, (part, kv))
+            keys = None if layer_keys is None else layer_keys[start:stop]
+            h, part_kv = jax.lax.scan(body, h, (part, kv, keys))
             new_kv.append(part_kv)
         if n in wanted:
             captured[n] = h

@@ -66,20 +66,37 @@ class Linear(nnx.Module):
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
         self.lora_scale = 1.0
+        self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """`dropout_key` (training): with an adapter whose `lora_dropout` > 0, the adapter sees
+        its input through dropout; otherwise the adapter is folded into the kernel."""
         kernel = self.kernel[...].astype(self.compute_dtype)
-        if self.lora_a is not None:
-            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
-            kernel = kernel + self.lora_scale * jnp.einsum("ir,r...->i...", a, b)
         # A 2D [tokens, in] x [in, out] dot: XLA:CPU picks far better layouts for it than for a
         # batched one (MLP forward + backward 1.5x faster at [2, 1024, 512] x [512, 1536]).
         flat = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
+        dropped = _adapter_input(self, flat, dropout_key)
+        if self.lora_a is not None and dropped is None:
+            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
+            kernel = kernel + self.lora_scale * jnp.einsum("ir,r...->i...", a, b)
         y = jnp.dot(flat, kernel.reshape(kernel.shape[0], -1))
+        if dropped is not None:
+            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
+            y = y + self.lora_scale * jnp.dot(jnp.dot(dropped, a), b.reshape(b.shape[0], -1))
         y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
+
+
+def _adapter_input(module, flat: jax.Array, dropout_key: jax.Array | None) -> jax.Array | None:
+    """The adapter's input under dropout ([tokens, in]), or None when the adapter is folded into
+    the kernel instead (no adapter, no dropout, or no key: evaluation)."""
+    rate = module.lora_dropout
+    if module.lora_a is None or rate <= 0 or dropout_key is None:
+        return None
+    keep = jax.random.bernoulli(dropout_key, 1.0 - rate, flat.shape)
+    return jnp.where(keep, flat / (1.0 - rate), 0).astype(flat.dtype)
 
 
 class OutLinear(nnx.Module):
@@ -106,15 +123,22 @@ class OutLinear(nnx.Module):
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
         self.lora_scale = 1.0
+        self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """As `Linear.__call__`."""
         n_in = len(self.in_shape)
         kernel = self.kernel[...].astype(self.compute_dtype)
-        if self.lora_a is not None:
+        flat = x.reshape(-1, math.prod(self.in_shape)).astype(self.compute_dtype)
+        dropped = _adapter_input(self, flat, dropout_key)
+        if self.lora_a is not None and dropped is None:
             a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
             kernel = kernel + self.lora_scale * jnp.einsum("...r,ro->...o", a, b)
-        flat = x.reshape(-1, math.prod(self.in_shape)).astype(self.compute_dtype)
-        y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1])).reshape(*x.shape[:-n_in], kernel.shape[-1])
+        y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1]))
+        if dropped is not None:
+            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
+            y = y + self.lora_scale * jnp.dot(jnp.dot(dropped, a.reshape(-1, a.shape[-1])), b)
+        y = y.reshape(*x.shape[:-n_in], kernel.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -172,8 +196,9 @@ class GatedMLP(nnx.Module):
         self.up_proj = Linear(dim, hidden, axes=(embed, mlp), **kw)
         self.down_proj = Linear(hidden, dim, axes=(mlp, embed), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
+        return self.down_proj(self.act(self.gate_proj(x, keys[0])) * self.up_proj(x, keys[1]), keys[2])
 
 
 class PlainMLP(nnx.Module):

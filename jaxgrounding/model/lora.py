@@ -9,7 +9,10 @@ The adapter is folded into the kernel before the matmul (one [in, out] add per l
 rather than run as two extra matmuls: with our layer scan the kernel is already sliced per
 layer, and the fold keeps the activation path identical to the base model's.
 
-Not implemented: dropout on the adapter input (MeCo uses 0.05); `rank` and `alpha` are.
+Dropout on the adapter input (MeCo: 0.05) applies only when a training step passes a dropout
+key (`VideoLLM.forward(dropout_key=...)`): the adapter then runs as its own two matmuls on the
+dropped input, since a folded kernel cannot see a different input than the base weights. Without
+a key (evaluation, generation) the fold is exact.
 qwix was considered and not used: it rewrites modules by interception, which does not see
 through our `nnx.vmap`-stacked layers.
 """
@@ -39,8 +42,19 @@ def _targets(model, targets: Sequence[str]):
     return found
 
 
-def apply_lora(model, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> None:
-    """Attaches zero-initialised adapters to `targets` of every decoder layer (in place)."""
+def apply_lora(
+    model,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> None:
+    """Attaches zero-initialised adapters to `targets` of every decoder layer (in place);
+    `dropout`: rate on the adapter input during training."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     key = jax.random.key(seed)
     for i, (name, module) in enumerate(_targets(model, targets).items()):
         kernel = module.kernel[...]
@@ -57,6 +71,7 @@ def apply_lora(model, *, rank: int, alpha: float, targets: Sequence[str] = DEFAU
             logical_axes=("layers", None, *axes[-len(out_shape) :]),
         )
         module.lora_scale = alpha / rank
+        module.lora_dropout = float(dropout)
 
 
 def merge_lora(model) -> None:
@@ -72,3 +87,4 @@ def merge_lora(model) -> None:
             module.lora_a = nnx.data(None)
             module.lora_b = nnx.data(None)
             module.lora_scale = 1.0
+            module.lora_dropout = 0.0

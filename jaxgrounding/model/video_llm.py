@@ -168,11 +168,14 @@ class VideoLLM(nnx.Module):
         # Slots past the end (b * t) are padding frames of a bucketed batch: dropped.
         return embeds.reshape(b * t, e).at[inputs.visual_slots].set(visual, mode="drop").reshape(b, t, e)
 
-    def forward(self, inputs: ModelInputs, hidden_layers: Sequence[int] = (), *, logits: bool = True):
-        """Full causal forward over the batch. Returns ModelOutput (logits None if not asked)."""
+    def forward(self, inputs: ModelInputs, hidden_layers: Sequence[int] = (), *, logits: bool = True, dropout_key=None):
+        """Full causal forward over the batch. Returns ModelOutput (logits None if not asked).
+        `dropout_key` (training): LoRA input dropout, where adapters have a rate."""
         embeds = self.embed_inputs(inputs)
         mask = jnp.asarray(inputs.attention_mask)
-        final, hidden, _ = self.decoder(embeds, jnp.asarray(inputs.positions), mask, None, hidden_layers)
+        final, hidden, _ = self.decoder(
+            embeds, jnp.asarray(inputs.positions), mask, None, hidden_layers, dropout_key=dropout_key
+        )
         return ModelOutput(
             logits=self.decoder.logits(final) if logits else None, hidden_states=hidden, last_hidden_state=final
         )

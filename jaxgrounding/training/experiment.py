@@ -202,7 +202,12 @@ def build_model(config, checkpoint: str, mesh=None):
     init_token_rows(llm, [tokenizer.ent_id, tokenizer.tst_id], tokenizer.base_vocab_size)
     if config.trainable.llm == "lora":
         apply_lora(
-            llm, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets), seed=config.seed
+            llm,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            targets=tuple(config.lora.targets),
+            dropout=config.lora.get("dropout", 0.0),
+            seed=config.seed,
         )
     return GroundingModel(llm, rngs=nnx.Rngs(config.seed)), tokenizer
 

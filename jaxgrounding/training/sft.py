@@ -99,11 +99,11 @@ def frame_targets(ranges_bk2: jax.Array, frame_valid_bf: jax.Array) -> jax.Array
     return inside / jnp.maximum(jnp.sum(inside, axis=-1, keepdims=True), 1.0)
 
 
-def _full_states(model: GroundingModel, batch: dict, plan: dict):
+def _full_states(model: GroundingModel, batch: dict, plan: dict, dropout_key=None):
     """One causal pass over the whole prompt: (LM loss, tokens, structural-token states, frame
     states, frame validity)."""
     inputs = batch_inputs(batch, model.llm.config, plan)
-    out = model.llm.forward(inputs, hidden_layers=(-2, -1), logits=False)
+    out = model.llm.forward(inputs, hidden_layers=(-2, -1), logits=False, dropout_key=dropout_key)
     mask = inputs.attention_mask
     lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
     frame_of_token = jnp.where(mask, batch["frame_of_token"], -1)
@@ -112,22 +112,26 @@ def _full_states(model: GroundingModel, batch: dict, plan: dict):
     return lm, tokens, token_states, frame_states, frame_valid
 
 
-def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr: HVRConfig):
+def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr: HVRConfig, dropout_key=None):
     """The same quantities with the video streamed into memory (see module docstring); `batch`
     holds `memory.streaming.split_batch` arrays plus `reloaded` [B, N]."""
-    out = streaming_lib.stream_forward(model.llm, layout, hvr, batch, plan, batch["reloaded"], hidden_layers=(-2,))
+    out = streaming_lib.stream_forward(
+        model.llm, layout, hvr, batch, plan, batch["reloaded"], hidden_layers=(-2,), dropout_key=dropout_key
+    )
     lm, tokens = next_token_loss(model.llm, out.final, batch["suffix_ids"], batch["suffix_loss_mask"])
     token_states = gather_states(out.hidden[-2], batch["suffix_struct_positions"])
     return lm, tokens, token_states, out.frame_states, out.frame_valid
 
 
-def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, streamed=None):
+def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, streamed=None, dropout_key=None):
     """Returns (total loss, metrics dict) for one batch. `streamed`: None for one causal pass, or
-    (BufferLayout, HVRConfig) for a streamed batch."""
+    (BufferLayout, HVRConfig) for a streamed batch; `dropout_key`: LoRA input dropout (training)."""
     if streamed is None:
-        lm, tokens, token_states, frame_states, frame_valid = _full_states(model, batch, plan)
+        lm, tokens, token_states, frame_states, frame_valid = _full_states(model, batch, plan, dropout_key)
     else:
-        lm, tokens, token_states, frame_states, frame_valid = _streamed_states(model, batch, plan, *streamed)
+        lm, tokens, token_states, frame_states, frame_valid = _streamed_states(
+            model, batch, plan, *streamed, dropout_key=dropout_key
+        )
     logits = model.heads(token_states, frame_states)
     kinds = batch["struct_kinds"] * batch["struct_positions_mask"] * batch["valid"][:, None]
     st = structural_loss(logits, kinds, frame_targets(batch["struct_ranges"], frame_valid), frame_valid)
@@ -190,29 +194,31 @@ class SFTTrainer:
     def model(self) -> GroundingModel:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
-    def _loss(self, trainable, frozen, batch, plan):
+    def _loss(self, trainable, frozen, batch, plan, key):
         model = nnx.merge(self.graphdef, trainable, frozen)
-        return sft_loss(model, batch, plan, self.config.st_weight, self._streamed)
+        return sft_loss(model, batch, plan, self.config.st_weight, self._streamed, key)
 
-    def _train_step(self, trainable, opt_state, frozen, batch, plan):
+    def _train_step(self, trainable, opt_state, frozen, batch, plan, key):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accumulate = self.config.accumulate
         if accumulate == 1:
-            (_, metrics), grads = grad_fn(trainable, frozen, batch, plan)
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, plan, key)
         else:
             # [B, ...] -> [A, B / A, ...]; the vision plan is per micro-batch already.
             micro = jax.tree.map(lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:]), batch)
 
-            def body(acc, mb):
-                (_, m), g = grad_fn(trainable, frozen, mb, plan)
+            def body(acc, xs):
+                mb, i = xs
+                micro_key = None if key is None else jax.random.fold_in(key, i)
+                (_, m), g = grad_fn(trainable, frozen, mb, plan, micro_key)
                 return jax.tree.map(jnp.add, acc, (g, m)), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
             first = jax.tree.map(lambda x: x[0], micro)
             zero_metrics = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, frozen, first, plan)[0][1])
+                jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, frozen, first, plan, key)[0][1])
             )
-            (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), micro)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), (micro, jnp.arange(accumulate)))
             grads = jax.tree.map(lambda g: g / accumulate, grads)
             metrics = jax.tree.map(lambda m: m / accumulate, metrics)
         grads = optim.mask_token_rows(grads, *self._row_mask)
@@ -220,10 +226,10 @@ class SFTTrainer:
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, metrics
 
-    def lower(self, batch: dict):
+    def lower(self, batch: dict, rng=None):
         """`jax.jit(...).lower` of the train step for `batch` (arrays or ShapeDtypeStructs)."""
         plan = batch_plan(batch, self.model_config, self.frame_size)
-        return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan)
+        return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan, rng)
 
     def streamed_batch(self, batch: dict, micro_batch: int) -> tuple[dict, dict]:
         """Host side of a streamed step: the `split_batch` arrays, which segments each sample
@@ -251,7 +257,9 @@ class SFTTrainer:
         plan = streaming_lib.plan_for(self.model_config, config.streaming, self.frame_size, micro_batch * num_segments)
         return device_batch(arrays), plan
 
-    def step(self, batch: dict) -> dict[str, float]:
+    def step(self, batch: dict, rng=None) -> dict[str, float]:
+        """One update. `rng`: this step's key for LoRA input dropout (None: no dropout); the
+        train loop derives it from the run's key and the step, so a resumed run draws the same."""
         b = batch["valid"].shape[0]
         if b % self.config.accumulate:
             raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
@@ -266,5 +274,9 @@ class SFTTrainer:
             # Each process holds its slice of the global batch; shard it over the data axes.
             sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-        self.trainable, self.opt_state, metrics = self._step(self.trainable, self.opt_state, self.frozen, batch, plan)
+            if rng is not None:  # the same key on every process: replicated
+                rng = jax.device_put(rng, NamedSharding(self.mesh, P()))
+        self.trainable, self.opt_state, metrics = self._step(
+            self.trainable, self.opt_state, self.frozen, batch, plan, rng
+        )
         return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -32,3 +32,43 @@ def test_lora_starts_as_identity_and_merges_exactly(tmp_path):
     np.testing.assert_allclose(
         np.asarray(jm.from_pretrained(str(tmp_path / "merged"))(input_ids=ids).logits), adapted, atol=1e-4
     )
+
+
+def _adapted_linears(rate):
+    """A Linear and an OutLinear with random adapters (scale 2) and LoRA input dropout `rate`."""
+    from jaxgrounding.model import layers
+
+    rngs = nnx.Rngs(0)
+    kw = dict(use_bias=True, param_dtype=np.float32, compute_dtype=np.float32, rngs=rngs)
+    linear = layers.Linear(6, (2, 3), axes=("embed", "heads", None), **kw)
+    out_linear = layers.OutLinear((2, 3), 5, axes=("heads", None, "embed"), **kw)
+    rng = np.random.default_rng(1)
+    for module, a_shape, b_shape in ((linear, (6, 4), (4, 2, 3)), (out_linear, (2, 3, 4), (4, 5))):
+        module.lora_a = nnx.LoRAParam(rng.standard_normal(a_shape).astype(np.float32))
+        module.lora_b = nnx.LoRAParam(rng.standard_normal(b_shape).astype(np.float32))
+        module.lora_scale = 2.0
+        module.lora_dropout = rate
+    return linear, out_linear
+
+
+def test_lora_dropout_drops_the_adapter_input_only_in_training():
+    x = np.random.default_rng(2).standard_normal((7, 6)).astype(np.float32)
+    h = np.random.default_rng(3).standard_normal((7, 2, 3)).astype(np.float32)
+    for module, inputs in zip(_adapted_linears(0.5), (x, h)):
+        folded = np.asarray(module(inputs))
+        # No key (evaluation, generation): the adapter is folded into the kernel, no dropout.
+        no_drop = _adapted_linears(0.0)[0 if inputs is x else 1]
+        np.testing.assert_allclose(folded, np.asarray(no_drop(inputs, jax.random.key(0))), atol=1e-5)
+        key = jax.random.key(7)
+        dropped = np.asarray(module(inputs, key))
+        assert np.abs(dropped - folded).max() > 1e-3
+        np.testing.assert_array_equal(dropped, np.asarray(module(inputs, key)))  # same key, same mask
+        # The same mask by hand: base path on x, adapter path on the kept inputs scaled by 1 / (1 - p).
+        flat = inputs.reshape(inputs.shape[0], -1)
+        keep = np.asarray(jax.random.bernoulli(key, 0.5, flat.shape))
+        kernel = np.asarray(module.kernel[...])
+        a = np.asarray(module.lora_a[...]).reshape(flat.shape[1], -1)
+        b = np.asarray(module.lora_b[...]).reshape(a.shape[1], -1)
+        want = flat @ kernel.reshape(flat.shape[1], -1) + 2.0 * ((keep * flat / 0.5) @ a @ b)
+        want = want + np.asarray(module.bias[...]).reshape(-1)
+        np.testing.assert_allclose(dropped.reshape(want.shape), want, atol=1e-4)
