@@ -21,7 +21,6 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import inference
 from jaxgrounding.data.padding import pad_and_stack
 from jaxgrounding.data.sample import Sample
-from jaxgrounding.memory.streaming import StreamingConfig
 from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
 
@@ -100,7 +99,7 @@ def main(argv):
         for w in prediction.windows
     ]
     if _PLOT.value:
-        segment_frames = (experiment.streaming_config(config) or StreamingConfig()).segment_frames
+        segment_frames = experiment.inference_streaming_config(config).segment_frames
         plot(prediction, float(video.duration), _QUERY.value, _PLOT.value, segment_frames)
     coarse = None
     if prediction.coarse is not None:

@@ -25,7 +25,6 @@ from flax import nnx
 
 from jaxgrounding import sampling
 from jaxgrounding.memory import streaming
-from jaxgrounding.model.decoder import Memory
 from jaxgrounding.model.video_llm import ModelInputs
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks import coarse_to_fine
@@ -160,11 +159,8 @@ def predict_streaming(
     streamed = streaming.stream_prompt(llm, arrays, streaming_config, frame_size)
     layout, frame_states, frame_valid = streamed.layout, streamed.frame_states, streamed.frame_valid
     suffix = _suffix_inputs(arrays)
-    t = llm.config.text
     b = arrays["suffix_ids"].shape[0]
-    empty = jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim), streamed.memory.keys.dtype)
-    no_dvr = Memory(empty, empty, jnp.zeros((b, 0), bool))
-    context = streaming.answer_memory(layout, streamed.memory, no_dvr, -jnp.ones((b, 1), jnp.int32))
+    context = streaming.answer_memory(layout, streamed.memory)
     generate = dict(end_ids=_end_ids(tokenizer), hidden_layers=(-2,))
     gen = sampling.generate(llm, suffix, sampling_config, rng=coarse_key, memory=context, **generate)
     coarse = _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid)

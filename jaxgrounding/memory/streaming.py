@@ -34,13 +34,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxgrounding import parallel
 from jaxgrounding.memory.hvr import HVRConfig, hvr_downsample
-from jaxgrounding.model import layers
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.decoder import CACHE_AXES, Memory
-from jaxgrounding.model.vision import vision_plan
+from jaxgrounding.model.vision import uniform_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,27 +193,15 @@ def split_batch(batch: dict, config: ModelConfig, streaming: StreamingConfig, fr
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def segment_plan(batch: int, segment_frames: int, grid_h: int, grid_w: int, vision) -> dict:
-    """The vision tower's plan for one segment of every row (the same for every segment)."""
-    return vision_plan(np.array([[segment_frames, grid_h, grid_w]] * batch), vision).as_arrays()
-
-
 def plan_for(config: ModelConfig, streaming: StreamingConfig, frame_size, batch: int) -> dict:
+    """The vision tower's plan for one segment of each of `batch` rows (the same for every segment)."""
     p = config.vision.patch_size
-    return segment_plan(batch, streaming.segment_frames, frame_size[0] // p, frame_size[1] // p, config.vision)
+    return uniform_plan(batch, streaming.segment_frames, frame_size[0] // p, frame_size[1] // p, config.vision)
 
 
 # ------------------------------------------------------------------------------------------------
 # Device side
 # ------------------------------------------------------------------------------------------------
-
-
-def rotate_keys(config: ModelConfig, keys: jax.Array, positions_3bt: jax.Array) -> jax.Array:
-    """keys before RoPE [L, B, T, Kh, D] -> rotated at their M-RoPE positions [3, B, T]."""
-    t = config.text
-    cos, sin = layers.mrope_cos_sin(positions_3bt, t.head_dim, t.rope_theta, t.mrope_section, jnp.float32)
-    return layers.apply_rotary(keys.astype(jnp.float32), cos, sin).astype(keys.dtype)
 
 
 def _constrain(memory: Memory) -> Memory:
@@ -230,15 +218,11 @@ def start_memory(llm, layout: BufferLayout, prefix_ids, prefix_positions, prefix
     t = config.text
     b = prefix_ids.shape[0]
     dtype = config.compute_dtype
-    empty = Memory(
-        keys=jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim), dtype),
-        values=jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim), dtype),
-        valid=jnp.zeros((b, 0), bool),
-    )
-    _, _, (keys, values) = llm.decoder.attend(llm.decoder.embed(prefix_ids), prefix_positions, prefix_valid, empty)
+    empty = Memory.empty(config, b)
+    _, _, (keys, values, _) = llm.decoder.attend(llm.decoder.embed(prefix_ids), prefix_positions, prefix_valid, empty)
     shape = (t.num_layers, b, layout.size, t.num_kv_heads, t.head_dim)
     memory = Memory(
-        keys=jnp.zeros(shape, dtype).at[:, :, : layout.prefix].set(rotate_keys(config, keys, prefix_positions)),
+        keys=jnp.zeros(shape, dtype).at[:, :, : layout.prefix].set(keys.astype(dtype)),
         values=jnp.zeros(shape, dtype).at[:, :, : layout.prefix].set(values.astype(dtype)),
         valid=jnp.zeros((b, layout.size), bool).at[:, : layout.prefix].set(prefix_valid),
     )
@@ -283,7 +267,7 @@ def segment_step(
     # not written yet) stays hidden.
     hidden_hvr = (slot_segment >= 0) & (slot_segment >= index - layout.recent_segments)
     visible = Memory(memory.keys, memory.values, memory.valid & ~hidden_hvr[None])
-    _, hidden, (keys, values) = llm.decoder.attend(
+    _, hidden, (keys, values, raw_keys) = llm.decoder.attend(
         embeds, positions, valid, visible, hidden_layers=(-1,), dropout_key=dropout_key
     )
 
@@ -295,7 +279,7 @@ def segment_step(
         return x.reshape(t.num_layers, b, s, p, t.num_kv_heads, t.head_dim)
 
     pooled_k, pooled_v, _ = hvr_downsample(
-        grid(keys),
+        grid(raw_keys),
         grid(values),
         positions.reshape(3, b, s, p),
         config=hvr,
@@ -321,7 +305,7 @@ def segment_step(
         (0, 0, at, 0, 0),
     )
     new_valid = jax.lax.dynamic_update_slice(memory.valid, pooled_valid, (0, at))
-    dvr_keys = rotate_keys(config, keys, positions).astype(dtype)
+    dvr_keys = keys.astype(dtype)  # rotated by the attention that made them
     dvr_values = values.astype(dtype)
     if layout.recent_segments:
         at = layout.recent_start + (index % layout.recent_segments) * layout.segment_tokens
@@ -332,11 +316,18 @@ def segment_step(
     return memory, SegmentOutput(frame_states, frame_valid, dvr_keys, dvr_values)
 
 
-def answer_memory(layout: BufferLayout, memory: Memory, dvr: Memory, dvr_segments: jax.Array) -> Memory:
+def answer_memory(
+    layout: BufferLayout, memory: Memory, dvr: Memory | None = None, dvr_segments: jax.Array | None = None
+) -> Memory:
     """What the question and the answer attend to: the prefix, the HVR of every segment except
     the reloaded ones, and the reloaded segments' DVR (`dvr`: [L, B, R*S*P, ...], the rows of
-    segment `dvr_segments[b, i]` at i*S*P; -1 = unused). The recent slots are hidden: the
-    answer sees the whole video at one resolution per segment."""
+    segment `dvr_segments[b, i]` at i*S*P; -1 = unused). Without `dvr`: the coarse stage's
+    prefix + HVR. The recent slots are hidden: the answer sees the whole video at one resolution
+    per segment."""
+    if dvr is None:
+        b = memory.valid.shape[0]
+        dvr = Memory(memory.keys[:, :, :0], memory.values[:, :, :0], jnp.zeros((b, 0), bool))
+        dvr_segments = -jnp.ones((b, 1), jnp.int32)
     slot_segment = jnp.asarray(layout.slot_segments())
     reloaded = jnp.any(
         (slot_segment[None, None, :] == dvr_segments[:, :, None]) & (dvr_segments[:, :, None] >= 0), axis=1
@@ -492,15 +483,11 @@ class StreamedVideo:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
 def _start(graphdef, state, layout, prefix_ids, prefix_positions, prefix_valid):
-    from flax import nnx
-
     return start_memory(nnx.merge(graphdef, state), layout, prefix_ids, prefix_positions, prefix_valid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "hvr"), donate_argnames=("memory",))
 def _step(graphdef, state, layout, hvr, memory, index, pixels, plan, positions, valid):
-    from flax import nnx
-
     llm = nnx.merge(graphdef, state)
     embeds = embed_frames(llm, pixels, plan)
     return segment_step(llm, layout, hvr, memory, index, embeds, positions, valid)
@@ -512,8 +499,6 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
     One compiled step serves every segment (and every video with the same batch, frame size and
     config); the DVR of each segment leaves the device as soon as it is produced when
     `config.dvr_placement` says so, so device memory stays at one segment plus the buffer."""
-    from flax import nnx
-
     graphdef, state = nnx.split(llm)
     b, n = arrays["segment_valid"].shape[:2]
     layout = BufferLayout.build(

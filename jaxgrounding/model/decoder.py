@@ -10,7 +10,7 @@ after RoPE (decoding only appends).
 
 `Decoder.attend` runs tokens against an external `Memory` (keys already rotated, any order: the
 rotation carries each key's absolute position, so attention does not care where a key sits in
-the buffer) and returns the new tokens' keys before RoPE; the streaming prefill of long videos
+the buffer) and returns the new tokens' keys both rotated and before RoPE; the streaming prefill of long videos
 (`jaxgrounding.memory.streaming`) is built on it.
 """
 
@@ -78,6 +78,14 @@ class Memory:
     def size(self) -> int:
         return self.valid.shape[1]
 
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int) -> Memory:
+        """No memory at all: `Decoder.attend` over it is a plain causal pass."""
+        t = config.text
+        shape = (t.num_layers, batch, 0, t.num_kv_heads, t.head_dim)
+        dtype = config.compute_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, 0), bool))
+
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -101,7 +109,7 @@ class Attention(nnx.Module):
         With a cache ([B, S, Kh, D] each), the new keys and values are written at
         `causal_offset` and attention runs over the cache. With a memory ([B, M, Kh, D] each,
         keys rotated; key_valid then covers memory + new tokens and causal_offset is M), attention
-        runs over memory + new tokens and the new keys are returned before RoPE."""
+        runs over memory + new tokens and the new keys are returned rotated and before RoPE."""
         drop = (None,) * 4 if dropout_key is None else tuple(jax.random.split(dropout_key, 4))
         q = layers.apply_rotary(self.q_proj(x, drop[0]), cos, sin)
         k_raw = self.k_proj(x, drop[1])
@@ -113,7 +121,7 @@ class Attention(nnx.Module):
             keys = jnp.concatenate([memory_k.astype(q.dtype), k], axis=1)
             values = jnp.concatenate([memory_v.astype(q.dtype), v], axis=1)
             out = layers.memory_attention(q, keys, values, key_valid, memory_size=causal_offset)
-            return self.o_proj(out, drop[3]), (k_raw, v)
+            return self.o_proj(out, drop[3]), (k, v, k_raw)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, causal_offset, 0, 0))
@@ -256,8 +264,9 @@ class Decoder(nnx.Module):
         themselves.
 
         embeds: [B, T, E]; positions: [3, B, T]; valid: [B, T] bool. Returns (final normed hidden
-        [B, T, E], {index: hidden} as in `__call__`, (keys before RoPE, values) of the new tokens,
-        [L, B, T, Kh, D] each).
+        [B, T, E], {index: hidden} as in `__call__`, (keys rotated, values, keys before RoPE) of the
+        new tokens, [L, B, T, Kh, D] each: the rotated keys are what a memory stores, the raw ones
+        what HVR pooling needs).
         """
         cfg = self.config
         cos, sin = layers.mrope_cos_sin(

@@ -76,12 +76,12 @@ class Linear(nnx.Module):
         # batched one (MLP forward + backward 1.5x faster at [2, 1024, 512] x [512, 1536]).
         flat = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
         dropped = _adapter_input(self, flat, dropout_key)
-        if self.lora_a is not None and dropped is None:
+        if self.lora_a is not None:
             a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
-            kernel = kernel + self.lora_scale * jnp.einsum("ir,r...->i...", a, b)
+            if dropped is None:
+                kernel = kernel + self.lora_scale * jnp.einsum("ir,r...->i...", a, b)
         y = jnp.dot(flat, kernel.reshape(kernel.shape[0], -1))
         if dropped is not None:
-            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
             y = y + self.lora_scale * jnp.dot(jnp.dot(dropped, a), b.reshape(b.shape[0], -1))
         y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
         if self.bias is not None:
@@ -131,12 +131,12 @@ class OutLinear(nnx.Module):
         kernel = self.kernel[...].astype(self.compute_dtype)
         flat = x.reshape(-1, math.prod(self.in_shape)).astype(self.compute_dtype)
         dropped = _adapter_input(self, flat, dropout_key)
-        if self.lora_a is not None and dropped is None:
+        if self.lora_a is not None:
             a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
-            kernel = kernel + self.lora_scale * jnp.einsum("...r,ro->...o", a, b)
+            if dropped is None:
+                kernel = kernel + self.lora_scale * jnp.einsum("...r,ro->...o", a, b)
         y = jnp.dot(flat, kernel.reshape(-1, kernel.shape[-1]))
         if dropped is not None:
-            a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
             y = y + self.lora_scale * jnp.dot(jnp.dot(dropped, a.reshape(-1, a.shape[-1])), b)
         y = y.reshape(*x.shape[:-n_in], kernel.shape[-1])
         if self.bias is not None:

@@ -16,6 +16,7 @@ dense batched einsum with static shapes and the sequence order never changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,14 @@ def _pack(segment_of_token: np.ndarray) -> Segments:
         valid[row, :count] = True
         inverse[tokens] = row * length + np.arange(count, dtype=np.int32)
     return Segments(index, valid, inverse)
+
+
+@functools.lru_cache(maxsize=32)
+def uniform_plan(batch: int, grids: int, grid_h: int, grid_w: int, config: VisionConfig) -> dict:
+    """`vision_plan(...).as_arrays()` for `batch` videos of `grids` temporal grids of
+    grid_h x grid_w patches each (a bucketed training batch, one streaming segment per row),
+    built once per shape on the host."""
+    return vision_plan(np.array([[grids, grid_h, grid_w]] * batch), config).as_arrays()
 
 
 def vision_plan(grid_thw: np.ndarray, config: VisionConfig) -> VisionPlan:

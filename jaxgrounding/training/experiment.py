@@ -161,6 +161,18 @@ def streaming_config(config):
     )
 
 
+def inference_streaming_config(config):
+    """Streaming settings for grounding with `config`: its own, or for a model trained without
+    them (`ground --memory streaming` on a MeCo workdir) the defaults sized to data.max_frames."""
+    from jaxgrounding.memory.streaming import StreamingConfig
+
+    streaming = streaming_config(config)
+    if streaming is not None:
+        return streaming
+    segment_frames = StreamingConfig.segment_frames
+    return StreamingConfig(max_segments=-(-config.data.max_frames // 2 // segment_frames))
+
+
 def coarse_to_fine_config(config):
     from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
 
@@ -236,18 +248,15 @@ def assignment_config(config) -> inference.AssignmentConfig:
 def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: str = "auto"):
     """Predictions for one prompt batch: one causal pass ("full") or TimeScope's streaming
     coarse-to-fine ("streaming"); "auto" streams when the config has streaming settings."""
-    from jaxgrounding.memory.streaming import StreamingConfig
-
     if memory not in ("auto", "full", "streaming"):
         raise ValueError(f"memory must be auto, full or streaming, got {memory!r}")
-    streaming = streaming_config(config)
     if memory == "auto":
-        memory = "full" if streaming is None else "streaming"
+        memory = "full" if streaming_config(config) is None else "streaming"
     frame_size = tuple(config.data.frame_size)
     args = (model, batch, tokenizer, frame_size, sampling_config(config), assignment_config(config))
     if memory == "full":
         return inference.predict(*args, rng=rng)
-    streaming = streaming or StreamingConfig(max_segments=-(-config.data.max_frames // 2 // 8))
+    streaming = inference_streaming_config(config)
     return inference.predict_streaming(*args, streaming, coarse_to_fine_config(config), rng=rng)
 
 

@@ -19,7 +19,6 @@ jittered ground-truth window (TimeScope's second SFT stage).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 
 import jax
@@ -32,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
-from jaxgrounding.model.config import ModelConfig, VisionConfig
+from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.video_llm import ModelInputs, VideoLLM
-from jaxgrounding.model.vision import vision_plan
+from jaxgrounding.model.vision import uniform_plan
 from jaxgrounding.objectives.lm import next_token_loss
 from jaxgrounding.objectives.structural import StructuralHeads, gather_states, pool_frame_states, structural_loss
 from jaxgrounding.tasks import coarse_to_fine
@@ -49,11 +48,6 @@ class GroundingModel(nnx.Module):
         self.heads = StructuralHeads(llm.config.text.hidden_size, rngs=rngs)
 
 
-@functools.lru_cache(maxsize=32)
-def _plan(batch: int, grids: int, grid_h: int, grid_w: int, vision: VisionConfig) -> dict:
-    return vision_plan(np.array([[grids, grid_h, grid_w]] * batch), vision).as_arrays()
-
-
 def batch_plan(batch: dict, config: ModelConfig, frame_size: tuple[int, int], batch_size: int | None = None) -> dict:
     """The vision tower's attention plan for a bucketed batch (host side, cached per shape):
     every example has `grid_times.shape[1]` temporal grids of frame_size / patch_size patches.
@@ -61,7 +55,7 @@ def batch_plan(batch: dict, config: ModelConfig, frame_size: tuple[int, int], ba
     b, grids = np.shape(batch["grid_times"])
     b = batch_size or b
     p = config.vision.patch_size
-    return _plan(b, grids, frame_size[0] // p, frame_size[1] // p, config.vision)
+    return uniform_plan(b, grids, frame_size[0] // p, frame_size[1] // p, config.vision)
 
 
 def batch_inputs(batch: dict, config: ModelConfig, plan: dict) -> ModelInputs:

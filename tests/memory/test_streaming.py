@@ -174,16 +174,8 @@ def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prom
     want = sampling.generate(llm, inputs, sampling_config, end_ids=[0], hidden_layers=(-2,))
 
     split = streaming.split_batch(prompt, llm.config, cfg, frame_size)
-    b, tp = split["prefix_ids"].shape
     streamed = streaming.stream_prompt(llm, split, cfg, frame_size)
-    layout, memory = streamed.layout, streamed.memory
-    t = llm.config.text
-    no_dvr = Memory(
-        jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim)),
-        jnp.zeros((t.num_layers, b, 0, t.num_kv_heads, t.head_dim)),
-        jnp.zeros((b, 0), bool),
-    )
-    context = streaming.answer_memory(layout, memory, no_dvr, -jnp.ones((b, 1), jnp.int32))
+    context = streaming.answer_memory(streamed.layout, streamed.memory)
     suffix = dataclasses.replace(
         inputs.__class__.for_text(jnp.asarray(split["suffix_ids"]), jnp.asarray(split["suffix_valid"])),
         positions=jnp.moveaxis(jnp.asarray(split["suffix_positions"]), 1, 0),
