@@ -38,7 +38,7 @@ def get_config(arg=None):
 
     # Long synthetic videos: 100-200 s at 1 fps = 100-200 frames (50-100 temporal grids, up to 13
     # segments), one event of 10-30% of the video (10-60 s) each. With two events of 5-15%, held-out
-    # R1@0.5 varied from 52 to 69 over seeds in 1000-1400 steps; one event of 10-30% gave 87.5.
+    # R1@0.5 varied from 52 to 69 over seeds in 1000-1400 steps; one event of 10-30% gave 71-88.
     config.data.synthetic_name = "synthetic_long"
     config.data.max_frames = 200
     config.data.synthetic_train_videos = 400
@@ -66,6 +66,6 @@ def get_config(arg=None):
     config.coarse_to_fine.jitter = 0.5
 
     config.train.batch_size = 4
-    config.train.steps = 1000
+    config.train.steps = 800  # R1@0.5 73.8 in 8 min on a slow day (1000 steps: 71.3 in 9 min)
     config.eval.batch_size = 8
     return apply_presets(config, arg, PRESETS)
