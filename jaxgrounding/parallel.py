@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+import zlib
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -104,6 +106,72 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host data -> global arrays. Each process holds its own rows of a global batch (its slice of the
+# data stream); jitted steps take global arrays, built without ever addressing another process's
+# devices.
+# ------------------------------------------------------------------------------------------------
+
+
+def agree_shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero-pads every process's arrays to the largest shape any process has, axis by axis.
+
+    The pipeline pads each process's rows to the smallest bucket that fits *them*, so two
+    processes can hold [2, 128] and [2, 192] token arrays of one global batch; a global array
+    needs one shape. Every padded axis is one the pipeline itself zero-pads under a mask, so this
+    is the batch one process would have built from all the rows (and its shapes are exactly
+    that process's: the bucket of the largest row). One process: returned as is.
+    """
+    arrays = dict(arrays)
+    if jax.process_count() == 1:
+        return arrays
+    names = sorted(arrays)
+    signature = ";".join(f"{k}:{arrays[k].ndim}:{arrays[k].dtype}" for k in names)
+    header = np.asarray([len(names), zlib.crc32(signature.encode())], np.int64)
+    headers = multihost_utils.process_allgather(header)
+    if not np.all(headers == headers[0]):
+        raise ValueError(f"processes hold different batch keys, ranks or dtypes; this process has {signature}")
+    dims = np.concatenate([np.asarray(arrays[k].shape, np.int64) for k in names])
+    largest = np.max(multihost_utils.process_allgather(dims), axis=0)
+    offset = 0
+    for k in names:
+        x = arrays[k]
+        target = largest[offset : offset + x.ndim]
+        offset += x.ndim
+        if tuple(target) != x.shape:
+            arrays[k] = np.pad(x, [(0, int(t) - n) for t, n in zip(target, x.shape)])
+    return arrays
+
+
+def global_batch(arrays: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Global arrays, batch axis over the data axes, from each process's rows (same shapes on
+    every process: see `agree_shapes`). Process p's rows are rows [p * b, (p + 1) * b)."""
+    sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in arrays.items()}
+
+
+def replicated(x, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A global array replicated on every device of `mesh` from a host value every process
+    holds identically (a PRNG key's data, a step number). `jax.device_put` cannot do this on
+    several processes: the target devices are not all addressable."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(x))
+
+
+def process_local(tree):
+    """Every array of `tree` as a whole array on this process's first device: a replicated one
+    from this process's copy, a sharded one gathered from all processes (a collective: every
+    process must call it). For work one process does on the whole model, like writing an export."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.sharding.is_fully_replicated:
+            return x.addressable_data(0)
+        return jax.device_put(multihost_utils.process_allgather(x, tiled=True), jax.local_devices()[0])
+
+    return jax.tree.map(one, tree)
 
 
 def initialize_distributed() -> None:

@@ -9,6 +9,7 @@ train_metrics.jsonl (one line per logged step), eval/metrics.json and eval/predi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
@@ -35,11 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
-    """Runs (or resumes) training, then evaluates. `stop_after` ends the loop early at that step
-    without the final save or evaluation, as a kill would (used to test resumption)."""
+    """Runs (or resumes) training, then evaluates. `stop_after` ends the run after that step
+    without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
+    primary = jax.process_index() == 0  # the one process that writes the workdir's files
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     # --- Mesh ------------------------------------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -88,11 +92,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         log.info("resumed from step %d", start)
 
     # --- Loop --------------------------------------------------------------------------------------
-    writer = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
-    metrics_file = open(os.path.join(workdir, "train_metrics.jsonl"), "a")
-    bar = tqdm.tqdm(
-        total=config.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
-    )
+    writer = SummaryWriter(os.path.join(workdir, "tb")) if primary else None
+    metrics_file = open(os.path.join(workdir, "train_metrics.jsonl"), "a") if primary else None
+    bar = tqdm.tqdm(total=config.train.steps, initial=start, desc="train", unit="step", disable=not primary)
     step, tick = start, time.perf_counter()
     try:
         while step < config.train.steps:
@@ -100,7 +102,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
             # The step's dropout key: the run's key and the step, so a resumed run draws the same.
             key = jax.random.fold_in(jax.device_get(state.rng), step)
             with jax.set_mesh(mesh):
-                metrics = trainer.step(batch, rng=key)
+                metrics = trainer.step(batch, rng=key, step=step)
             step += 1
             if not np.isfinite(metrics["loss"]):
                 ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]
@@ -113,10 +115,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
             if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
                 seconds = time.perf_counter() - tick
                 metrics |= {"step": step, "steps_per_s": (step - start) / max(seconds, 1e-9)}
-                metrics_file.write(json.dumps(metrics) + "\n")
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-                metrics_file.flush()
-                if writer:
+                if primary:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
                     for k, v in metrics.items():
                         writer.add_scalar(f"train/{k}", v, step)
             state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=step, rng=state.rng)
@@ -132,17 +134,23 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         bar.close()
         checkpointer.wait()
         checkpointer.close()
-        metrics_file.close()
-    if step < config.train.steps:
+        if metrics_file:
+            metrics_file.close()
+    if step < config.train.steps or stop_after is not None:
         return {}
 
     # --- Export, evaluation ------------------------------------------------------------------------
-    if config.train.export and jax.process_index() == 0:
-        experiment.export_hf(trainer.model(), tokenizer, os.path.join(workdir, "export"))
-    with jax.set_mesh(mesh):
-        result = experiment.evaluate(
-            trainer.model(), tokenizer, eval_samples, checkpoint_dir, config, os.path.join(workdir, "eval")
-        )
+    model, local = trainer.model(), jax.process_count() > 1
+    if local:
+        # Export and evaluation run on whole copies of the model, one per process (a collective).
+        graphdef, params = nnx.split(model)
+        model = nnx.merge(graphdef, parallel.process_local(params))
+    if config.train.export and primary:
+        experiment.export_hf(model, tokenizer, os.path.join(workdir, "export"))
+    # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
+    with contextlib.nullcontext() if local else jax.set_mesh(mesh):
+        eval_dir = os.path.join(workdir, "eval")
+        result = experiment.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, eval_dir)
     if writer:
         for k, v in result.items():
             if isinstance(v, (int, float)):

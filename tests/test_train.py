@@ -10,6 +10,7 @@ import pytest
 from configs import meco
 from jaxgrounding import metrics
 from jaxgrounding.train import train_and_evaluate
+from tests.multiprocess_train import check_two_processes_train_like_one, losses
 
 
 def micro_config(data_root):
@@ -62,10 +63,6 @@ def ground(root, workdir: str, *flags: str) -> dict:
     return answer
 
 
-def losses(workdir):
-    with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +122,12 @@ def test_ground_command_prints_windows_and_plots(uninterrupted, tmp_path):
     plot = tmp_path / "similarity.png"
     ground(root, workdir, "--plot", str(plot))
     assert plot.stat().st_size > 10_000
+
+
+def test_two_processes_train_like_one(uninterrupted):
+    """The pod path: process-local batches over two processes, and checkpoints moving between process counts
+    (two processes resume a one-process checkpoint and vice versa). Evaluation on two processes: the TimeScope test."""
+    root, workdir, result = uninterrupted
+    check_two_processes_train_like_one(
+        "meco", root, workdir, result, micro_config(root / "data"), evaluate=False, across_process_counts=True
+    )

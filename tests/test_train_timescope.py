@@ -10,7 +10,8 @@ import pytest
 from configs import timescope
 from jaxgrounding import metrics
 from jaxgrounding.train import train_and_evaluate
-from tests.test_train import ground, losses
+from tests.multiprocess_train import check_two_processes_train_like_one, losses
+from tests.test_train import ground
 
 
 def micro_config(data_root):
@@ -77,3 +78,12 @@ def test_ground_command_streams(run, tmp_path):
     answer = ground(root, workdir, "--memory", "streaming", "--plot", str(plot))
     assert len(answer["coarse"]["reloaded_segments"]) <= 2
     assert plot.stat().st_size > 10_000
+
+
+def test_two_processes_train_like_one(run):
+    """Streamed steps on process-local rows (the coarse-to-fine draws and the padded shapes agree across processes)
+    and coarse-to-fine evaluation shared between two processes. Checkpoints across process counts: the MeCo test."""
+    root, workdir, result = run
+    check_two_processes_train_like_one(
+        "timescope", root, workdir, result, micro_config(root / "data"), evaluate=True, across_process_counts=False
+    )

@@ -2,13 +2,18 @@
 
 Graph (``make_pipeline``)::
 
-  MapDataset.source(samples) -> shuffle(seed) -> [shard_index::shard_count]
-    -> repeat(num_epochs) -> decode + transform (a worker's job)
+  MapDataset.source(samples) -> shuffle(seed) -> repeat(num_epochs)
+    -> this process's slice of every global batch -> decode + transform (a worker's job)
     -> to_iter_dataset -> pad into buckets + batch (in the worker)
     -> mp_prefetch(worker_count) -> skip accounting (main process)
 
-Shuffling is global and identical on every process, so the per-process slices are
-disjoint; grain folds the epoch into the seed, so each epoch has its own order.
+One global stream, the same for any number of processes: shuffling is global and identical
+on every process (grain folds the epoch into the seed, so each epoch has its own order), and
+global batch ``s`` is stream positions ``[s * B, (s + 1) * B)`` with ``B = batch_size *
+shard_count``. Process ``p`` reads the contiguous rows ``[p * batch_size, (p + 1) * batch_size)``
+of each global batch, so the global batch a step trains on (and its row order, which
+micro-batching splits) does not depend on how many processes read it, and a run resumed on a
+different number of processes continues the same stream (``reshard_state``).
 
 Broken videos: decoding raises ``VideoDecodeError``; with ``skip_bad_videos`` the
 example is dropped inside the worker, its path travels to the main process with the
@@ -235,6 +240,67 @@ class _ReportDataset(grain.IterDataset):
         return PipelineIterator(self._parent.__iter__())
 
 
+class _ProcessRows(grain.MapDataset):
+    """Local element k of process `index` of `count` is global stream position
+    (k // b) * b * count + index * b + k % b: its rows of every global batch of count * b."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, index, count
+        full, rest = divmod(len(parent), rows * count)
+        self._length = full * rows + min(max(rest - index * rows, 0), rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global(self, k: int) -> int:
+        batch, row = divmod(k, self._rows)
+        return (batch * self._count + self._index) * self._rows + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._global(k) for k in indices])  # pylint: disable=protected-access
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(rows={self._rows}, index={self._index}, count={self._count})"
+
+
+def reshard_state(states: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Iterator states saved by ``len(states)`` processes -> the states of ``count`` processes.
+
+    The processes consume the global stream in lockstep (``batch_size`` rows of each global
+    batch), so ``k`` local elements read by each of ``n`` processes are ``k * n`` global ones,
+    and ``count`` processes resume at ``k * n / count`` each. If skipped videos made the old
+    processes drift apart, the furthest one decides (no example is seen twice). Skipped-video
+    records move to process 0. Only the in-process pipeline (``worker_count=0``) has a state
+    this can translate; ``mp_prefetch``'s per-worker states are grain's own.
+    """
+    parents = [s["parent"] for s in states]
+    if not all(set(p) == {"next_index"} for p in parents):
+        raise ValueError(
+            f"a data iterator saved by {len(states)} processes with worker processes (data.workers > 0) can only "
+            f"resume on {len(states)} processes, not {count}; resume with that many, or train with data.workers=0"
+        )
+    consumed = max(p["next_index"] for p in parents) * len(states)
+    if consumed % count:
+        raise ValueError(
+            f"the data iterator consumed {consumed} examples, which {count} processes cannot share evenly; "
+            f"resume from a checkpoint whose step times the global batch size is divisible by {count}"
+        )
+    skipped = sorted(entry for s in states for entry in s["skipped"])
+    next_report = min(s["next_report"] for s in states)
+    return [
+        {"parent": {"next_index": consumed // count}, "skipped": skipped if i == 0 else [], "next_report": next_report}
+        for i in range(count)
+    ]
+
+
 def _shard(config: PipelineConfig) -> tuple[int, int]:
     if config.shard_index is not None and config.shard_count is not None:
         return config.shard_index, config.shard_count
@@ -260,12 +326,15 @@ def make_pipeline(
     ds = grain.MapDataset.source(source)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
-    ds = ds[shard_index::shard_count]
     epoch_length = len(ds)
-    if epoch_length == 0:
-        raise ValueError(f"shard {shard_index}/{shard_count} of the source is empty")
     ds = ds.repeat(config.num_epochs)
-    ds = ds.map_with_index(lambda i, item: (i, item))
+    ds = ds.map_with_index(lambda i, item: (i, item))  # i: the global stream position
+    ds = _ProcessRows(ds, config.batch_size, shard_index, shard_count)
+    if len(ds) == 0:
+        raise ValueError(
+            f"shard {shard_index}/{shard_count} of the source is empty: {epoch_length} examples, "
+            f"{shard_count} processes of batch_size {config.batch_size}"
+        )
     ds = ds.map(
         functools.partial(
             _decode_and_transform,

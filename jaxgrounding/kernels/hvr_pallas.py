@@ -30,6 +30,28 @@ Backend constraints:
   unless they are multiples of (8, 128); the half-head windows start at lane offsets that are multiples of D / 2.
   The TPU path lowers to Mosaic but has not been run on a TPU.
 - interpret=True runs anywhere (the CPU tests) and tiles like the GPU path so the tests exercise that tiling.
+
+Backward (pallas_call has no VJP of its own, so `hvr_pallas` is a jax.custom_vjp; the streamed SFT step
+differentiates through it). Pooling and rotation are linear in k and v, so with g the output cotangents
+    d pooled_k = g_k * cos + rotate_half^T(g_k * sin),   rotate_half^T(y) = concat([y2, -y1]),
+    dk = d pooled_k / (r*s) for every member of the group,   dv = g_v / (r*s) likewise,
+neither of which reads k or v. They come from a second fused kernel, the transpose of the forward one: the same
+grid, BlockSpecs and tiling with inputs and outputs swapped. Each step reads the [bp, Kh*D] cotangent blocks once
+and stores every [bp, D/2] / [bp, D] window of its [r, bp, s*Kh*D] group blocks, applying the inverse rotation
+per half head (d1 = g1*cos1 + g2*sin2, d2 = g2*cos2 - g1*sin1), so it obeys the same Triton and Mosaic rules.
+There is one backward, the fused one, because it is the faster: on an H200 (2026-12-04, jax 0.11.2, Triton) at
+the Qwen2.5-VL-7B shape (L=28, Kh=4, D=128; 16 frames of 144 tokens, temporal=4), host dispatch amortised over
+200 calls, it took 65 us (2.5 TB/s) against 97 us (1.7 TB/s) for XLA's transpose of hvr_reference in bfloat16,
+97 us against 110 us in float32. bench/hvr_kernel.py --backward times both (jax.vjp of hvr_pallas and of
+hvr_reference).
+
+cos and sin are differentiable inputs too: dcos = sum over L, Kh of g_k * pooled_k and dsin = sum over L, Kh of
+g_k * rotate_half(pooled_k), computed with jnp in the backward rule. Those sums run across grid steps (every layer
+and head of a pooled token), which the all-parallel grid cannot accumulate, and they need the un-rotated pooled
+keys, which the backward recomputes from the saved k rather than the forward writing them as a third output: in
+practice cos and sin come from integer positions, so nothing consumes dcos/dsin and under jit XLA deletes the
+recomputation (and with it the last use of the saved k), while an extra kernel output would be written on every
+differentiated forward whether used or not.
 """
 
 import functools
@@ -93,8 +115,36 @@ def _hvr_kernel(k_ref, v_ref, cos_ref, sin_ref, k_out_ref, v_out_ref, *, tempora
         v_out_ref[:, pl.ds(base, head_dim)] = group_mean(v_ref, base, head_dim).astype(v_out_ref.dtype)
 
 
+def _hvr_bwd_kernel(gk_ref, gv_ref, cos_ref, sin_ref, dk_ref, dv_ref, *, temporal, spatial, heads, head_dim):
+    """The transpose of _hvr_kernel. gk_ref, gv_ref: [bp, Kh*D] output cotangents; cos_ref, sin_ref: [bp, D];
+    dk_ref, dv_ref: [r, bp, s*Kh*D] groups, every window of which is stored (the output has no other writer)."""
+    half = head_dim // 2
+    count = temporal * spatial
+
+    def broadcast_to_group(ref, value, offset, width):
+        """Stores the [bp, width] float32 `value` / (r*s) into the window at `offset` of every group member."""
+        value = (value / count).astype(ref.dtype)
+        for t in range(temporal):
+            for j in range(spatial):
+                ref[t, :, pl.ds(j * heads * head_dim + offset, width)] = value
+
+    cos1 = cos_ref[:, pl.ds(0, half)].astype(jnp.float32)
+    cos2 = cos_ref[:, pl.ds(half, half)].astype(jnp.float32)
+    sin1 = sin_ref[:, pl.ds(0, half)].astype(jnp.float32)
+    sin2 = sin_ref[:, pl.ds(half, half)].astype(jnp.float32)
+    for h in range(heads):
+        base = h * head_dim
+        g1 = gk_ref[:, pl.ds(base, half)].astype(jnp.float32)
+        g2 = gk_ref[:, pl.ds(base + half, half)].astype(jnp.float32)
+        # g * cos + rotate_half^T(g * sin), rotate_half^T(y) = concat([y2, -y1]), one half head at a time.
+        broadcast_to_group(dk_ref, g1 * cos1 + g2 * sin2, base, half)
+        broadcast_to_group(dk_ref, g2 * cos2 - g1 * sin1, base + half, half)
+        broadcast_to_group(dv_ref, gv_ref[:, pl.ds(base, head_dim)].astype(jnp.float32), base, head_dim)
+
+
 def _compiler_params(backend: str, interpret: bool):
-    """Triton explicitly on GPU (not Mosaic GPU, whatever jax_pallas_use_mosaic_gpu says); all-parallel on TPU."""
+    """Triton explicitly on GPU (not Mosaic GPU, whatever jax_pallas_use_mosaic_gpu says); all-parallel on TPU
+    (forward and backward: every grid step writes its own output blocks and accumulates nothing)."""
     if interpret:
         return None
     if backend == "gpu":
@@ -119,12 +169,13 @@ def hvr_pallas(
     interpret: bool = False,
     block_tokens: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Same contract as jaxgrounding.memory.hvr.hvr_reference, in one fused kernel.
+    """Same contract as jaxgrounding.memory.hvr.hvr_reference, in one fused kernel; differentiable in k, v, cos
+    and sin (a custom VJP whose dk, dv come from a fused backward kernel, see the module docstring).
 
     k, v: [L, B, F, P, Kh, D] (keys pre-RoPE); cos, sin: [B, F // temporal, P // spatial, D].
     Returns (pooled keys rotated, pooled values): [L, B, F // temporal, P // spatial, Kh, D] in k's / v's dtype.
     block_tokens: pooled tokens per grid step (must divide P // spatial; a power of two unless on TPU). Default:
-    all of them on TPU, else the largest power-of-two divisor <= MAX_GPU_BLOCK_TOKENS.
+    all of them on TPU, else the largest power-of-two divisor <= MAX_GPU_BLOCK_TOKENS. The backward tiles alike.
     """
     backend = jax.default_backend()
     reason = hvr_pallas_unsupported_reason(k.shape, temporal, spatial, "interpret" if interpret else backend)
@@ -147,17 +198,30 @@ def hvr_pallas(
             f"hvr_pallas: block_tokens={block_tokens} must divide P'={p_pooled}"
             + ("." if on_tpu else " and be a power of two (Triton tiles).")
         )
+    return _hvr(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend)
 
+
+def _block_specs(temporal, spatial, block_tokens, width, head_dim):
+    """(group, table, pooled) BlockSpecs over the grid (B, F', P' / bp, L), shared by the forward and backward
+    kernels: group blocks [r, bp, s*Kh*D] of the [L, B, F', r, P', s*Kh*D] view of k, v (or dk, dv), table blocks
+    [bp, D] of cos and sin, pooled blocks [bp, Kh*D] of the [L, B, F', P', Kh*D] outputs (or their cotangents)."""
+    sq = pl.squeezed
+    group = pl.BlockSpec(
+        (sq, sq, sq, temporal, block_tokens, spatial * width), lambda bi, fi, pi, li: (li, bi, fi, 0, pi, 0)
+    )
+    table = pl.BlockSpec((sq, sq, block_tokens, head_dim), lambda bi, fi, pi, li: (bi, fi, pi, 0))
+    pooled = pl.BlockSpec((sq, sq, sq, block_tokens, width), lambda bi, fi, pi, li: (li, bi, fi, pi, 0))
+    return group, table, pooled
+
+
+def _forward(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend):
+    n_layers, b, f, p, heads, d = k.shape
+    f_pooled, p_pooled = f // temporal, p // spatial
     width = heads * d
     k_groups = k.reshape(n_layers, b, f_pooled, temporal, p_pooled, spatial * width)
     v_groups = v.reshape(n_layers, b, f_pooled, temporal, p_pooled, spatial * width)
-    sq = pl.squeezed
-    group_spec = pl.BlockSpec(
-        (sq, sq, sq, temporal, block_tokens, spatial * width), lambda bi, fi, pi, li: (li, bi, fi, 0, pi, 0)
-    )
-    table_spec = pl.BlockSpec((sq, sq, block_tokens, d), lambda bi, fi, pi, li: (bi, fi, pi, 0))
-    out_spec = pl.BlockSpec((sq, sq, sq, block_tokens, width), lambda bi, fi, pi, li: (li, bi, fi, pi, 0))
-    out_shape = (n_layers, b, f_pooled, p_pooled, width)
+    group_spec, table_spec, pooled_spec = _block_specs(temporal, spatial, block_tokens, width, d)
+    pooled_shape = (n_layers, b, f_pooled, p_pooled, width)
     bytes_accessed = (
         k.size * k.dtype.itemsize
         + v.size * v.dtype.itemsize
@@ -168,10 +232,10 @@ def hvr_pallas(
     kernel = functools.partial(_hvr_kernel, temporal=temporal, spatial=spatial, heads=heads, head_dim=d)
     k_out, v_out = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(out_shape, k.dtype), jax.ShapeDtypeStruct(out_shape, v.dtype)),
+        out_shape=(jax.ShapeDtypeStruct(pooled_shape, k.dtype), jax.ShapeDtypeStruct(pooled_shape, v.dtype)),
         grid=(b, f_pooled, p_pooled // block_tokens, n_layers),
         in_specs=[group_spec, group_spec, table_spec, table_spec],
-        out_specs=(out_spec, out_spec),
+        out_specs=(pooled_spec, pooled_spec),
         interpret=interpret,
         compiler_params=_compiler_params(backend, interpret),
         cost_estimate=pl.CostEstimate(
@@ -183,3 +247,67 @@ def hvr_pallas(
     )(k_groups, v_groups, cos, sin)
     final_shape = (n_layers, b, f_pooled, p_pooled, heads, d)
     return k_out.reshape(final_shape), v_out.reshape(final_shape)
+
+
+def _backward(g_k, g_v, cos, sin, temporal, spatial, interpret, block_tokens, backend):
+    """dk, dv [L, B, F, P, Kh, D] in g_k's / g_v's dtype (= k's / v's) from the [L, B, F', P', Kh, D] cotangents."""
+    n_layers, b, f_pooled, p_pooled, heads, d = g_k.shape
+    width = heads * d
+    group_spec, table_spec, pooled_spec = _block_specs(temporal, spatial, block_tokens, width, d)
+    pooled_shape = (n_layers, b, f_pooled, p_pooled, width)
+    group_shape = (n_layers, b, f_pooled, temporal, p_pooled, spatial * width)
+    bytes_accessed = (
+        (g_k.size * g_k.dtype.itemsize + g_v.size * g_v.dtype.itemsize) * (1 + temporal * spatial)
+        + cos.size * cos.dtype.itemsize
+        + sin.size * sin.dtype.itemsize
+    )
+    kernel = functools.partial(_hvr_bwd_kernel, temporal=temporal, spatial=spatial, heads=heads, head_dim=d)
+    dk, dv = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(group_shape, g_k.dtype), jax.ShapeDtypeStruct(group_shape, g_v.dtype)),
+        grid=(b, f_pooled, p_pooled // block_tokens, n_layers),
+        in_specs=[pooled_spec, pooled_spec, table_spec, table_spec],
+        out_specs=(group_spec, group_spec),
+        interpret=interpret,
+        compiler_params=_compiler_params(backend, interpret),
+        cost_estimate=pl.CostEstimate(
+            flops=6 * g_k.size + 2 * g_v.size, transcendentals=0, bytes_accessed=bytes_accessed
+        ),
+        name="hvr_pool_bwd",
+    )(g_k.reshape(pooled_shape), g_v.reshape(pooled_shape), cos, sin)
+    full_shape = (n_layers, b, f_pooled * temporal, p_pooled * spatial, heads, d)
+    return dk.reshape(full_shape), dv.reshape(full_shape)
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _hvr(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend):
+    """hvr_pallas after validation; the static arguments (ints, bool, backend name) are nondiff_argnums."""
+    return _forward(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend)
+
+
+def _hvr_fwd(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend):
+    # dk and dv need only cos and sin; k is kept for dcos / dsin alone (dead, hence freed, when those are unused).
+    return _forward(k, v, cos, sin, temporal, spatial, interpret, block_tokens, backend), (k, cos, sin)
+
+
+def _hvr_bwd(temporal, spatial, interpret, block_tokens, backend, residuals, cotangents):
+    k, cos, sin = residuals
+    g_k, g_v = cotangents
+    dk, dv = _backward(g_k, g_v, cos, sin, temporal, spatial, interpret, block_tokens, backend)
+    # dcos, dsin: sums over layers and heads (across grid steps), so jnp; pooled_k is recomputed exactly as
+    # hvr_reference pools (see the module docstring for why it is not saved by the forward kernel).
+    n_layers, b, f, p, heads, d = k.shape
+    grouped = k.astype(jnp.float32).reshape(n_layers, b, f // temporal, temporal, p // spatial, spatial, heads, d)
+    pooled_k = grouped.mean(axis=(3, 5))
+    g_k32 = g_k.astype(jnp.float32)
+    dcos = jnp.sum(g_k32 * pooled_k, axis=(0, 4)).astype(cos.dtype)
+    dsin = jnp.sum(g_k32 * _rotate_half(pooled_k), axis=(0, 4)).astype(sin.dtype)
+    return dk, dv, dcos, dsin
+
+
+_hvr.defvjp(_hvr_fwd, _hvr_bwd)

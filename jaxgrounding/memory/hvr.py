@@ -16,7 +16,9 @@ With temporal=1 and spatial=1 nothing is pooled and the result equals `layers.ap
 positions (tested). Means are accumulated in float32 and cast back to the input dtype at the very end.
 
 `hvr_downsample` is the entry point; it dispatches to `hvr_reference` (plain jnp, used on CPU) or the fused Pallas
-kernel in `jaxgrounding.kernels.hvr_pallas` (GPU/TPU), which implement the same contract.
+kernel in `jaxgrounding.kernels.hvr_pallas` (GPU/TPU), which implement the same contract. Both are differentiable
+(the kernel through a custom VJP with a fused backward kernel), so the streamed SFT step can take gradients
+through every impl.
 """
 
 import dataclasses

@@ -12,6 +12,7 @@ to answer over a mixed memory whose full-resolution region is near, but not exac
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -69,16 +70,25 @@ def jitter_window(window, duration: float, rng: np.random.Generator, config: Coa
     return (a, max(b, min(a + 1.0, duration)))
 
 
+def sample_rng(seed: int, step: int, sample_id: str) -> np.random.Generator:
+    """The augmentation draws of one sample at one step: a function of the run's seed, the step
+    and the sample alone, so a resumed run, or the same global batch read by any number of
+    processes, draws the same."""
+    return np.random.default_rng([seed, step, zlib.crc32(str(sample_id).encode())])
+
+
 def training_reloads(
-    batch: dict, segment_frames: int, num_segments: int, config: CoarseToFineConfig, rng
+    batch: dict, segment_frames: int, num_segments: int, config: CoarseToFineConfig, *, seed: int, step: int
 ) -> np.ndarray:
     """[B, num_segments] bool: the segments each training sample reloads (none for coarse-stage
-    samples). A fine-stage sample jitters one of its ground-truth windows, drawn at random."""
+    samples). A fine-stage sample jitters one of its ground-truth windows, drawn at random
+    (`sample_rng` of the sample's `id`)."""
     b = np.shape(batch["valid"])[0]
     reloaded = np.zeros((b, num_segments), bool)
     windows = np.asarray(batch["windows"])
     windows_valid = np.asarray(batch.get("windows_mask", np.ones(windows.shape[:2], bool)))
     for row in range(b):
+        rng = sample_rng(seed, step, batch["id"][row])
         has = np.flatnonzero(windows_valid[row])
         if not batch["valid"][row] or has.size == 0 or rng.random() >= config.fine_fraction:
             continue

@@ -7,8 +7,9 @@ One Orbax item per thing, so each can be read alone (params only, for evaluation
   <directory>/<step>/opt_state  StandardCheckpointHandler (optax NamedTuples come back as such:
                                 restore follows the target's tree)
   <directory>/<step>/meta       JsonCheckpointHandler: {"step", "rng", "extra"}
-  <directory>/<step>/data       grain.checkpoint.CheckpointHandler (grain's own Orbax handler):
-                                ``iterator.get_state()`` as JSON, one file per process
+  <directory>/<step>/data       grain's Orbax handler: ``iterator.get_state()`` as JSON, one file
+                                per process; a run resumed on another number of processes
+                                translates the states (``data.pipeline.reshard_state``)
 
 Only Orbax's array and JSON writers are used; nothing is pickled.
 
@@ -44,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from jaxgrounding.data.pipeline import reshard_state
 
 _log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class Checkpointer:
                 "params": ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": _DataHandler(),
             },
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
@@ -154,7 +157,7 @@ class Checkpointer:
         items = {name: ocp.args.StandardSave(tree) for name, tree in _array_trees(state).items()}
         items["meta"] = ocp.args.JsonSave(meta)
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(item=data_iterator)
+            items["data"] = _DataSave(item=data_iterator)
         # The cadence was decided above; force stops Orbax from applying its own policy.
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -198,7 +201,7 @@ class Checkpointer:
         items = {name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}
         items["meta"] = ocp.args.JsonRestore()
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(item=data_iterator)
+            items["data"] = _DataRestore(item=data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         state = TrainState(
@@ -260,6 +263,39 @@ class Checkpointer:
         if jax.process_count() == 1:
             return self._preemption
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self._preemption))))
+
+
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler, plus resuming a data iterator saved by a different number of processes
+    (a run moved from one pod slice to another, or from a pod to one host for debugging)."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        index, count = jax.process_index(), jax.process_count()
+        if (directory / f"process_{index}-of-{count}.json").exists():
+            return super().restore(directory, item=item, args=args)
+        files = list(directory.glob("process_*-of-*.json"))
+        if not files:
+            raise ValueError(f"{directory}: no data iterator state")
+        saved_count = int(files[0].name.rsplit("-of-", 1)[1].removesuffix(".json"))
+        names = [f"process_{i}-of-{saved_count}.json" for i in range(saved_count)]
+        states = [json.loads((directory / name).read_text()) for name in names]
+        _log.info("data iterator saved by %d processes, resumed on %d", saved_count, count)
+        item.set_state(reshard_state(states, count)[index])
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def _array_trees(state: TrainState) -> dict[str, Any]:

@@ -261,19 +261,27 @@ def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: 
 
 
 def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
-    """Grounds every sample, writes out_dir/metrics.json and out_dir/predictions.jsonl."""
+    """Grounds every sample, writes out_dir/metrics.json and out_dir/predictions.jsonl (in the
+    order of `samples`) and returns the metrics.
+
+    With several processes each grounds its share, `samples[process::processes]`, with its own
+    whole copy of the model (`model` must be process-local: `parallel.process_local`), so no
+    process waits on another's generation loop; the shares meet in part files in `out_dir` (the
+    workdir is shared storage, as for checkpoints) and every process returns the same metrics.
+    """
     if config.eval.max_samples:
         samples = samples[: config.eval.max_samples]
+    index, count = jax.process_index(), jax.process_count()
     encoder = StructuralEncoder(checkpoint, encoder_config(config, train=False))
     prompts = _PromptTransform(encoder)
-    batches = data_lib.make_pipeline(
-        samples, pipeline_config(config, train=False, batch_size=config.eval.batch_size), prompts
-    )
-    os.makedirs(out_dir, exist_ok=True)
+    pipeline = pipeline_config(config, train=False, batch_size=config.eval.batch_size)
+    pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1)  # the share is cut below
+    batches = data_lib.make_pipeline(samples[index::count], pipeline, prompts)
+    primary = index == 0
     rows = []
     iterator = iter(batches)
     rng = jax.random.key(config.seed)
-    with tqdm.tqdm(total=len(samples), desc="evaluate", unit="sample") as bar:
+    with tqdm.tqdm(total=len(samples[index::count]), desc="evaluate", unit="sample", disable=not primary) as bar:
         for batch in iterator:
             rng, key = jax.random.split(rng)
             predictions = predict(model, batch, tokenizer, config, key)
@@ -293,6 +301,9 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                 rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
+    os.makedirs(out_dir, exist_ok=True)
+    if count > 1:
+        rows, skipped = _gather_shares(rows, skipped, samples, out_dir)
     result = metrics.grounding_metrics(
         [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
     )
@@ -302,12 +313,33 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
         )
         result |= {f"coarse_{k}": v for k, v in coarse.items()}
     result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if primary:
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
+
+
+def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[list, list]:
+    """Every process's evaluation rows and skipped videos, rows in the order of `samples`."""
+    from jax.experimental import multihost_utils
+
+    index, count = jax.process_index(), jax.process_count()
+    part = os.path.join(out_dir, f"predictions.part-{{}}-of-{count}.json")
+    with open(part.format(index), "w") as f:
+        json.dump({"rows": rows, "skipped": skipped}, f)
+    multihost_utils.sync_global_devices("jaxgrounding: evaluation shares written")
+    shares = []
+    for p in range(count):
+        with open(part.format(p)) as f:
+            shares.append(json.load(f))
+    multihost_utils.sync_global_devices("jaxgrounding: evaluation shares read")
+    os.remove(part.format(index))
+    order = {s.id: i for i, s in enumerate(samples)}
+    rows = sorted((r for share in shares for r in share["rows"]), key=lambda r: order[r["id"]])
+    return rows, [s for share in shares for s in share["skipped"]]
 
 
 @dataclasses.dataclass

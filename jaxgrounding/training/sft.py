@@ -19,16 +19,14 @@ jittered ground-truth window (TimeScope's second SFT stage).
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from jaxgrounding import parallel
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.config import ModelConfig
@@ -192,7 +190,8 @@ class SFTTrainer:
         model = nnx.merge(self.graphdef, trainable, frozen)
         return sft_loss(model, batch, plan, self.config.st_weight, self._streamed, key)
 
-    def _train_step(self, trainable, opt_state, frozen, batch, plan, key):
+    def _train_step(self, trainable, opt_state, frozen, batch, plan, key_data):
+        key = None if key_data is None else jax.random.wrap_key_data(key_data)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accumulate = self.config.accumulate
         if accumulate == 1:
@@ -223,22 +222,27 @@ class SFTTrainer:
     def lower(self, batch: dict, rng=None):
         """`jax.jit(...).lower` of the train step for `batch` (arrays or ShapeDtypeStructs)."""
         plan = batch_plan(batch, self.model_config, self.frame_size)
-        return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan, rng)
+        key_data = None if rng is None else jax.random.key_data(rng)
+        return self._step.lower(self.trainable, self.opt_state, self.frozen, batch, plan, key_data)
 
-    def streamed_batch(self, batch: dict, micro_batch: int) -> tuple[dict, dict]:
-        """Host side of a streamed step: the `split_batch` arrays, which segments each sample
-        reloads, and the vision plan of one segment of a micro-batch."""
+    def streamed_arrays(self, batch: dict, step: int) -> dict:
+        """Host side of a streamed step on this process's rows: the `split_batch` arrays and which
+        segments each sample reloads (drawn per sample and step: `coarse_to_fine.sample_rng`)."""
         config = self.config
         arrays = streaming_lib.split_batch(batch, self.model_config, config.streaming, self.frame_size)
         num_segments = arrays["segment_valid"].shape[1]
-        # Seeded by the samples themselves, so a resumed run draws the same augmentation.
-        ids = "\0".join(str(i) for i in np.asarray(batch["id"]).reshape(-1))
-        rng = np.random.default_rng([config.seed, zlib.crc32(ids.encode())])
         arrays["reloaded"] = coarse_to_fine.training_reloads(
-            batch, config.streaming.segment_frames, num_segments, config.coarse_to_fine, rng
+            batch, config.streaming.segment_frames, num_segments, config.coarse_to_fine, seed=config.seed, step=step
         )
         for key in ("struct_kinds", "struct_positions_mask", "struct_ranges", "valid"):
             arrays[key] = np.asarray(batch[key])
+        return device_batch(arrays)
+
+    def streamed_plan(self, arrays: dict, micro_batch: int) -> dict:
+        """Fixes the run's streaming layout from a (global-shaped) streamed batch and returns the
+        vision plan of one segment of a micro-batch."""
+        config = self.config
+        num_segments = arrays["segment_valid"].shape[1]
         layout = streaming_lib.BufferLayout.build(
             config.streaming,
             arrays["prefix_ids"].shape[1],
@@ -248,29 +252,34 @@ class SFTTrainer:
             raise ValueError(f"the streaming layout changed between batches: {self._streamed[0]} -> {layout}")
         self._streamed = (layout, config.streaming.hvr)
         # The frames of all segments of a micro-batch go through the vision tower together.
-        plan = streaming_lib.plan_for(self.model_config, config.streaming, self.frame_size, micro_batch * num_segments)
-        return device_batch(arrays), plan
+        return streaming_lib.plan_for(self.model_config, config.streaming, self.frame_size, micro_batch * num_segments)
 
-    def step(self, batch: dict, rng=None) -> dict[str, float]:
-        """One update. `rng`: this step's key for LoRA input dropout (None: no dropout); the
-        train loop derives it from the run's key and the step, so a resumed run draws the same."""
+    def step(self, batch: dict, rng=None, *, step: int = 0) -> dict[str, float]:
+        """One update on this process's rows `batch` of the global batch.
+
+        rng: this step's key for LoRA input dropout (None: no dropout), the same on every process;
+        step: the step being taken (seeds the coarse-to-fine augmentation). The train loop derives
+        both from the run, so a resumed run draws the same.
+        """
         b = batch["valid"].shape[0]
         if b % self.config.accumulate:
             raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
         # The plan is for one micro-batch of the global batch (each process holds a slice).
         micro = b * jax.process_count() // self.config.accumulate
-        if self.config.streaming is not None:
-            batch, plan = self.streamed_batch(batch, micro)
+        streamed = self.config.streaming is not None
+        arrays = self.streamed_arrays(batch, step) if streamed else device_batch(batch)
+        # Shapes first (processes pad their rows to their own buckets), then the plan from them.
+        arrays = parallel.agree_shapes(arrays)
+        if streamed:
+            plan = self.streamed_plan(arrays, micro)
         else:
-            batch = device_batch(batch)
-            plan = batch_plan(batch, self.model_config, self.frame_size, batch_size=micro)
+            plan = batch_plan(arrays, self.model_config, self.frame_size, batch_size=micro)
+        key_data = None if rng is None else np.asarray(jax.random.key_data(rng))
         if self.mesh is not None:
-            # Each process holds its slice of the global batch; shard it over the data axes.
-            sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-            batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-            if rng is not None:  # the same key on every process: replicated
-                rng = jax.device_put(rng, NamedSharding(self.mesh, P()))
+            arrays = parallel.global_batch(arrays, self.mesh)
+            if key_data is not None:
+                key_data = parallel.replicated(key_data, self.mesh)
         self.trainable, self.opt_state, metrics = self._step(
-            self.trainable, self.opt_state, self.frozen, batch, plan, rng
+            self.trainable, self.opt_state, self.frozen, arrays, plan, key_data
         )
         return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -8,6 +8,7 @@ import pytest
 from etils import epath
 
 from jaxgrounding.data import PipelineConfig, VideoDecodeError, make_pipeline
+from jaxgrounding.data.pipeline import reshard_state
 
 
 def _config(**overrides):
@@ -79,6 +80,40 @@ def test_shards_are_disjoint_and_cover_the_data(synthetic_small):
     a, b = durations(0), durations(1)
     assert len(a) == len(b) == 4
     assert sorted(a + b) == sorted(s.duration for s in samples)
+
+
+def _global_batches(samples, processes: int, steps: int, states=None):
+    """`steps` global batches of 4 read by `processes` processes (rows concatenated in process order), and each
+    process's iterator state after them; `states` resumes the processes first."""
+    iterators = [
+        iter(
+            make_pipeline(
+                samples, _config(batch_size=4 // processes, shard_index=p, shard_count=processes, num_epochs=None)
+            )
+        )
+        for p in range(processes)
+    ]
+    for it, state in zip(iterators, states or [None] * processes):
+        if state is not None:
+            it.set_state(state)
+    batches = [[next(it)["duration"] for it in iterators] for _ in range(steps)]
+    return [np.concatenate(parts).tolist() for parts in batches], [it.get_state() for it in iterators]
+
+
+def test_global_batches_do_not_depend_on_the_process_count(synthetic_small):
+    """Every global batch has the same rows in the same order read by 1, 2 or 4 processes (5 steps of 4 cross the
+    epoch boundary of 9 samples), and a state saved by n processes resumes the same stream on m processes."""
+    _, splits = synthetic_small
+    samples = splits["train"][:9]
+    one, _ = _global_batches(samples, 1, 5)
+    assert _global_batches(samples, 2, 5)[0] == one
+    assert _global_batches(samples, 4, 5)[0] == one
+    _, saved_by_two = _global_batches(samples, 2, 2)
+    assert _global_batches(samples, 1, 3, reshard_state(saved_by_two, 1))[0] == one[2:]
+    _, saved_by_one = _global_batches(samples, 1, 2)
+    assert _global_batches(samples, 4, 3, reshard_state(saved_by_one, 4))[0] == one[2:]
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        reshard_state(saved_by_one, 3)  # 8 examples consumed, 3 processes
 
 
 def test_epochs_are_shuffled_differently(synthetic_small):

@@ -46,9 +46,10 @@ def test_training_reloads_marks_segments_near_the_ground_truth(fraction, expecte
         "grid_times_mask": np.ones((3, 20), bool),
         "grid_duration": np.full(3, 2.0),
         "duration": np.full(3, 40.0),
+        "id": np.array(["a", "b", ""]),
     }
     cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=fraction, jitter=0.0)
-    reloaded = c2f.training_reloads(batch, segment_frames=4, num_segments=5, config=cfg, rng=np.random.default_rng(0))
+    reloaded = c2f.training_reloads(batch, segment_frames=4, num_segments=5, config=cfg, seed=0, step=3)
     assert reloaded.shape == (3, 5)
     assert reloaded.any(axis=1).sum() == expected_rows
     assert not reloaded[2].any()  # padding rows never reload
@@ -57,3 +58,27 @@ def test_training_reloads_marks_segments_near_the_ground_truth(fraction, expecte
         # only if the draw moves the start below 8, which a one-second slack cannot.
         assert reloaded[0, 1] and not reloaded[0, 0]
         assert reloaded[1, 3]  # [30, 34] lies in segment 3 ([24, 32]) and 4 ([32, 40])
+
+
+def test_training_reloads_depend_on_the_sample_not_its_batch():
+    """A sample draws the same whether it sits alone or in a batch with others (so processes that each hold part of
+    a global batch agree with one process holding all of it), and differently at another step."""
+
+    def batch(ids, windows):
+        n = len(ids)
+        return {
+            "valid": np.ones(n, bool),
+            "windows": np.asarray(windows, float).reshape(n, 1, 2),
+            "windows_mask": np.ones((n, 1), bool),
+            "grid_times": np.tile(np.arange(40) * 1.0, (n, 1)),
+            "grid_duration": np.full(n, 1.0),
+            "duration": np.full(n, 40.0),
+            "id": np.asarray(ids),
+        }
+
+    cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=0.5, jitter=1.0)
+    both = c2f.training_reloads(batch(["x", "y"], [[5, 9], [20, 26]]), 2, 20, cfg, seed=1, step=7)
+    alone = c2f.training_reloads(batch(["y"], [[20, 26]]), 2, 20, cfg, seed=1, step=7)
+    np.testing.assert_array_equal(both[1], alone[0])
+    draws = [c2f.training_reloads(batch(["y"], [[20, 26]]), 2, 20, cfg, seed=1, step=s)[0] for s in range(12)]
+    assert len({d.tobytes() for d in draws}) > 2  # fine or coarse, and where, change with the step

@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxgrounding.training import experiment
 from jaxgrounding.training.sft import SFTTrainer, device_batch, batch_inputs, batch_plan
+from tests import test_train_timescope
 from tests.test_train import first_batch, micro_config
 
 
@@ -67,9 +68,9 @@ def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch):
     real_step = SFTTrainer.step
     calls = {"n": 0}
 
-    def step(self, batch, rng=None):
+    def step(self, batch, rng=None, **kwargs):
         calls["n"] += 1
-        metrics = real_step(self, batch, rng)
+        metrics = real_step(self, batch, rng, **kwargs)
         return metrics | {"loss": float("nan")} if calls["n"] == 3 else metrics
 
     monkeypatch.setattr(SFTTrainer, "step", step)
@@ -102,3 +103,22 @@ def test_lora_dropout_key_is_the_only_randomness_of_a_step(setup):
     assert third_loss(jax.random.key(3)) != a
     config.lora.dropout = 0.0  # without dropout the keys change nothing
     assert third_loss(jax.random.key(1)) == third_loss(jax.random.key(3))
+
+
+def test_streamed_step_through_the_pallas_hvr_kernel_equals_the_reference(tmp_path):
+    """TimeScope's streamed step differentiates through HVR pooling; with the Pallas kernel (interpreted here, as it
+    runs compiled on GPU/TPU) the loss and every updated parameter equal the jnp reference's step."""
+    config = test_train_timescope.micro_config(tmp_path / "data")
+    checkpoint, batch = first_batch(config, str(tmp_path / "run"))
+    updated = {}
+    for impl in ("reference", "pallas_interpret"):
+        config.streaming.hvr_impl = impl
+        trainer = _trainer(config, checkpoint, 1)
+        metrics = trainer.step(batch, step=1)
+        updated[impl] = metrics, {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(trainer.trainable)}
+    (want, want_params), (got, got_params) = updated["reference"], updated["pallas_interpret"]
+    assert np.isfinite(got["loss"]) and got["grad_norm"] > 0
+    for name in ("loss", "lm_loss", "st_loss", "grad_norm"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+    for key, value in want_params.items():
+        np.testing.assert_allclose(got_params[key], value, atol=1e-6, err_msg=str(key))
