@@ -37,7 +37,9 @@ from jaxgrounding.model.config import ModelConfig  # noqa: E402
 from jaxgrounding.model.lora import apply_lora  # noqa: E402
 from jaxgrounding.model.video_llm import VideoLLM  # noqa: E402
 from jaxgrounding.training import optim  # noqa: E402
-from jaxgrounding.training.sft import GroundingModel, SFTConfig, SFTTrainer  # noqa: E402
+from jaxgrounding.grounding_model import GroundingModel  # noqa: E402
+from jaxgrounding.training.sft import SFT, SFTConfig  # noqa: E402
+from jaxgrounding.training.trainer import Trainer, TrainerConfig  # noqa: E402
 
 QWEN2_5_VL_7B = {
     "model_type": "qwen2_5_vl",
@@ -92,8 +94,14 @@ def bench_7b(args) -> dict:
 
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(make)
-        sft = SFTConfig(trainable=optim.TrainableConfig(llm="lora", vision=False))
-        trainer = SFTTrainer(model, sft, (args.height, args.width), [151665, 151666])
+        frame_size = (args.height, args.width)
+        objective = SFT(SFTConfig(st_weight=1.0, streaming=None, coarse_to_fine=None, seed=0), config, frame_size)
+        lora_only = TrainerConfig(
+            accumulate=1,
+            trainable=optim.TrainableConfig(llm="lora", vision=False, embeddings="new_tokens"),
+            optimizer=optim.OptimizerConfig(total_steps=1000),
+        )
+        trainer = Trainer(model, objective, lora_only, [151665, 151666])
 
         def shard(state):
             shardings = parallel.state_shardings(state, mesh)
@@ -144,6 +152,7 @@ def bench_7b(args) -> dict:
 def bench_default(args) -> dict:
     from configs import meco
     from jaxgrounding import data as data_lib
+    from jaxgrounding import settings
     from jaxgrounding.tasks.encoding import StructuralEncoder
     from jaxgrounding.training import experiment
 
@@ -152,16 +161,14 @@ def bench_default(args) -> dict:
     config.data.root = os.path.join(args.cache, "synthetic")
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
-    pipeline = experiment.pipeline_config(config, train=True, batch_size=config.train.batch_size)
+    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=True))
+    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
     batches = iter(data_lib.make_pipeline(train, pipeline, encoder))
     model, tokenizer = experiment.build_model(config, checkpoint)
-    trainer = SFTTrainer(
-        model, experiment.sft_config(config), tuple(config.data.frame_size), [tokenizer.ent_id, tokenizer.tst_id]
-    )
+    trainer = experiment.build_trainer(config, model, tokenizer)
     # Fix one batch shape so every timed step runs the same compiled program.
     batch = next(batches)
-    from jaxgrounding.training.sft import device_batch
+    from jaxgrounding.grounding_model import device_batch
 
     compiled = trainer.lower(device_batch(batch)).compile()
     trainer.step(batch)

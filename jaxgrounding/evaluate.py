@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxgrounding import parallel
+from jaxgrounding import evaluation, parallel
 from jaxgrounding.training import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
@@ -32,7 +32,7 @@ def main(argv):
     _, eval_samples = experiment.load_samples(config, workdir)
     with jax.set_mesh(mesh):
         model, tokenizer, checkpoint_dir, step = experiment.restore_model(config, workdir)
-        result = experiment.evaluate(
+        result = evaluation.evaluate(
             model, tokenizer, eval_samples, checkpoint_dir, config, os.path.join(workdir, "eval")
         )
     print(json.dumps({"step": step, "eval": result}), flush=True)

@@ -24,12 +24,12 @@ import numpy as np
 from flax import nnx
 
 from jaxgrounding import sampling
+from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_plan, device_batch
 from jaxgrounding.memory import streaming
 from jaxgrounding.model.video_llm import ModelInputs
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks import coarse_to_fine
 from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
-from jaxgrounding.training.sft import GroundingModel, device_batch, batch_inputs, batch_plan
 
 
 @dataclasses.dataclass(frozen=True)

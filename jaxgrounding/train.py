@@ -24,11 +24,10 @@ from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
 from jaxgrounding import data as data_lib
-from jaxgrounding import parallel
+from jaxgrounding import evaluation, parallel, settings
 from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
-from jaxgrounding.training.sft import SFTTrainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.", required=True)
@@ -53,7 +52,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     checkpoint_dir = experiment.first_process_first(
         lambda: experiment.resolve_checkpoint(config, workdir, train_samples)
     )
-    encoder = StructuralEncoder(checkpoint_dir, experiment.encoder_config(config, train=True))
+    encoder = StructuralEncoder(checkpoint_dir, settings.encoder_config(config, train=True))
     global_batch = config.train.batch_size
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % data_parallel or global_batch % jax.process_count():
@@ -61,19 +60,13 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
             f"train.batch_size {global_batch} must be divisible by the data-parallel size {data_parallel} "
             f"(mesh {dict(mesh.shape)}) and by the {jax.process_count()} processes"
         )
-    pipeline = experiment.pipeline_config(config, train=True, batch_size=global_batch // jax.process_count())
+    pipeline = settings.pipeline_config(config, train=True, batch_size=global_batch // jax.process_count())
     batches = iter(data_lib.make_pipeline(train_samples, pipeline, encoder))
 
     # --- Model, optimizer --------------------------------------------------------------------------
     with jax.set_mesh(mesh):
         model, tokenizer = experiment.build_model(config, checkpoint_dir, mesh=mesh)
-        trainer = SFTTrainer(
-            model,
-            experiment.sft_config(config),
-            tuple(config.data.frame_size),
-            [tokenizer.ent_id, tokenizer.tst_id],
-            mesh=mesh,
-        )
+        trainer = experiment.build_trainer(config, model, tokenizer, mesh=mesh)
     del model
 
     # --- Checkpoint: resume from the latest if there is one ---------------------------------------
@@ -109,9 +102,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                 # Nothing is saved: the last checkpoint is the last good state.
                 raise FloatingPointError(f"step {step}: loss is {metrics['loss']} on samples {ids}; stopping")
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}", lm=f"{metrics['lm_loss']:.3f}", st=f"{metrics['st_loss']:.3f}"
-            )
+            # Whatever the objective reports as a loss (SFT: loss, lm_loss, st_loss, ...).
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k == "loss" or k.endswith("_loss")})
             if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
                 seconds = time.perf_counter() - tick
                 metrics |= {"step": step, "steps_per_s": (step - start) / max(seconds, 1e-9)}
@@ -150,7 +142,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
     with contextlib.nullcontext() if local else jax.set_mesh(mesh):
         eval_dir = os.path.join(workdir, "eval")
-        result = experiment.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, eval_dir)
+        result = evaluation.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, eval_dir)
     if writer:
         for k, v in result.items():
             if isinstance(v, (int, float)):

@@ -36,12 +36,13 @@ def first_batch(config, workdir: str, batch_size: int = 2):
     the data are created on first use, as the train command does."""
     from jaxgrounding import data as data_lib
     from jaxgrounding.tasks.encoding import StructuralEncoder
+    from jaxgrounding import settings
     from jaxgrounding.training import experiment
 
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, experiment.encoder_config(config, train=True))
-    pipeline = experiment.pipeline_config(config, train=True, batch_size=batch_size)
+    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=True))
+    pipeline = settings.pipeline_config(config, train=True, batch_size=batch_size)
     return checkpoint, next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
 
 
@@ -105,6 +106,7 @@ def test_killed_and_resumed_run_reproduces_losses(uninterrupted):
 
 
 def test_evaluate_from_latest_checkpoint_matches_training_eval(uninterrupted):
+    from jaxgrounding import evaluation
     from jaxgrounding.training import experiment
 
     root, workdir, result = uninterrupted
@@ -112,7 +114,7 @@ def test_evaluate_from_latest_checkpoint_matches_training_eval(uninterrupted):
     _, eval_samples = experiment.load_samples(config, workdir)
     model, tokenizer, checkpoint_dir, step = experiment.restore_model(config, workdir)
     assert step == 6
-    again = experiment.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, str(root / "eval_again"))
+    again = evaluation.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, str(root / "eval_again"))
     for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"):
         assert again[key] == pytest.approx(result[key])
 

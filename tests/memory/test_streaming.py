@@ -15,7 +15,7 @@ from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.decoder import CACHE_AXES, KVCache, Memory
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.training import experiment
-from jaxgrounding.training.sft import batch_inputs, batch_plan, device_batch
+from jaxgrounding.grounding_model import batch_inputs, batch_plan, device_batch
 from tests.test_train import first_batch, micro_config
 
 

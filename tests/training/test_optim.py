@@ -8,7 +8,7 @@ from flax import nnx
 import jaxgrounding.model as jm
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.training import optim
-from jaxgrounding.training.sft import GroundingModel
+from jaxgrounding.grounding_model import GroundingModel
 from tests.model import hf_reference as ref
 
 

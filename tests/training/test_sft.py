@@ -1,4 +1,5 @@
-"""The SFT step on real encoded synthetic batches: accumulation, sharding-agnostic inputs, NaN stop."""
+"""The trainer with the SFT objective on real encoded synthetic batches: accumulation, LoRA dropout keys, NaN stop,
+the streamed step through the HVR kernel, methods registered by name."""
 
 import jax
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 from flax import nnx
 
 from jaxgrounding.training import experiment
-from jaxgrounding.training.sft import SFTTrainer, device_batch, batch_inputs, batch_plan
+from jaxgrounding.grounding_model import batch_inputs, batch_plan, device_batch
+from jaxgrounding.training.trainer import Trainer
 from tests import test_train_timescope
 from tests.test_train import first_batch, micro_config
 
@@ -24,9 +26,7 @@ def _trainer(config, checkpoint, accumulate):
     config = config.copy_and_resolve_references()
     config.train.accumulate = accumulate
     model, tokenizer = experiment.build_model(config, checkpoint)
-    return SFTTrainer(
-        model, experiment.sft_config(config), tuple(config.data.frame_size), [tokenizer.ent_id, tokenizer.tst_id]
-    )
+    return experiment.build_trainer(config, model, tokenizer)
 
 
 def test_visual_embeddings_land_on_their_placeholders(setup):
@@ -65,7 +65,7 @@ def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch):
 
     config = micro_config(tmp_path / "data")
     config.train.checkpoint_every = 1
-    real_step = SFTTrainer.step
+    real_step = Trainer.step
     calls = {"n": 0}
 
     def step(self, batch, rng=None, **kwargs):
@@ -73,7 +73,7 @@ def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch):
         metrics = real_step(self, batch, rng, **kwargs)
         return metrics | {"loss": float("nan")} if calls["n"] == 3 else metrics
 
-    monkeypatch.setattr(SFTTrainer, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
     with pytest.raises(FloatingPointError, match=r"step 3: loss is nan on samples \['train/"):
         train_and_evaluate(config, str(tmp_path / "run"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
@@ -91,9 +91,7 @@ def test_lora_dropout_key_is_the_only_randomness_of_a_step(setup):
     def third_loss(key):
         # Step 0 of the warmup has learning rate 0, so the keys of steps 0 and 1 shape step 2.
         model, tokenizer = experiment.build_model(config, checkpoint)
-        trainer = SFTTrainer(
-            model, experiment.sft_config(config), tuple(config.data.frame_size), [tokenizer.ent_id, tokenizer.tst_id]
-        )
+        trainer = experiment.build_trainer(config, model, tokenizer)
         trainer.step(batch, rng=key)
         trainer.step(batch, rng=jax.random.fold_in(key, 1))
         return trainer.step(batch, rng=jax.random.key(2))["loss"]
@@ -122,3 +120,26 @@ def test_streamed_step_through_the_pallas_hvr_kernel_equals_the_reference(tmp_pa
         assert got[name] == pytest.approx(want[name], rel=1e-5), name
     for key, value in want_params.items():
         np.testing.assert_allclose(got_params[key], value, atol=1e-6, err_msg=str(key))
+
+
+def test_objectives_are_registered_by_method_name(setup):
+    from jaxgrounding.training import trainer as trainer_lib
+    from jaxgrounding.training.sft import SFT
+
+    config, checkpoint, _ = setup
+    model, _ = experiment.build_model(config, checkpoint)
+    for method in ("meco", "timescope"):
+        assert isinstance(trainer_lib.make_objective(method, config, model.llm.config, (56, 56)), SFT)
+    with pytest.raises(ValueError, match="config.method='grpo_typo' has no registered objective"):
+        trainer_lib.make_objective("grpo_typo", config, model.llm.config, (56, 56))
+
+    @trainer_lib.register_objective("my_method")
+    def mine(config, model_config, frame_size):
+        return "an objective"
+
+    try:
+        assert trainer_lib.make_objective("my_method", config, model.llm.config, (56, 56)) == "an objective"
+        with pytest.raises(ValueError, match="already has an objective"):
+            trainer_lib.register_objective("my_method")(mine)
+    finally:
+        trainer_lib._OBJECTIVES.pop("my_method")

@@ -1,0 +1,132 @@
+"""Evaluation: ground a split with a trained model, write the predictions and the metrics.
+
+`predict` grounds one prompt batch the way a config says (one causal pass, or TimeScope's
+streaming coarse-to-fine); `evaluate` runs a whole split through the pipeline, writes
+`predictions.jsonl` and `metrics.json` and returns the metrics. Used by the train, evaluate and
+ground commands; it knows nothing of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import tqdm
+
+from jaxgrounding import data as data_lib
+from jaxgrounding import inference, metrics, settings
+from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.tasks.encoding import StructuralEncoder
+
+
+def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: str = "auto"):
+    """Predictions for one prompt batch: one causal pass ("full") or TimeScope's streaming
+    coarse-to-fine ("streaming"); "auto" streams when the config has streaming settings."""
+    if memory not in ("auto", "full", "streaming"):
+        raise ValueError(f"memory must be auto, full or streaming, got {memory!r}")
+    if memory == "auto":
+        memory = "full" if settings.streaming_config(config) is None else "streaming"
+    frame_size = tuple(config.data.frame_size)
+    args = (model, batch, tokenizer, frame_size, settings.sampling_config(config), settings.assignment_config(config))
+    if memory == "full":
+        return inference.predict(*args, rng=rng)
+    streaming = settings.inference_streaming_config(config)
+    return inference.predict_streaming(*args, streaming, settings.coarse_to_fine_config(config), rng=rng)
+
+
+def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
+    """Grounds every sample, writes out_dir/metrics.json and out_dir/predictions.jsonl (in the
+    order of `samples`) and returns the metrics.
+
+    With several processes each grounds its share, `samples[process::processes]`, with its own
+    whole copy of the model (`model` must be process-local: `parallel.process_local`), so no
+    process waits on another's generation loop; the shares meet in part files in `out_dir` (the
+    workdir is shared storage, as for checkpoints) and every process returns the same metrics.
+    """
+    if config.eval.max_samples:
+        samples = samples[: config.eval.max_samples]
+    index, count = jax.process_index(), jax.process_count()
+    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=False))
+    prompts = _PromptTransform(encoder)
+    pipeline = settings.pipeline_config(config, train=False, batch_size=config.eval.batch_size)
+    pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1)  # the share is cut below
+    batches = data_lib.make_pipeline(samples[index::count], pipeline, prompts)
+    primary = index == 0
+    rows = []
+    iterator = iter(batches)
+    rng = jax.random.key(config.seed)
+    with tqdm.tqdm(total=len(samples[index::count]), desc="evaluate", unit="sample", disable=not primary) as bar:
+        for batch in iterator:
+            rng, key = jax.random.split(rng)
+            predictions = predict(model, batch, tokenizer, config, key)
+            for b, prediction in zip(np.flatnonzero(batch["valid"]), predictions):
+                gt = batch["windows"][b][batch["windows_mask"][b]].tolist()
+                row = {
+                    "id": str(batch["id"][b]),
+                    "duration": float(batch["duration"][b]),
+                    "gt_windows": [[round(s, 3), round(e, 3)] for s, e in gt],
+                    "pred_windows": [[round(w.start, 3), round(w.end, 3)] for w in prediction.windows],
+                    "scores": [round(float(w.score), 5) for w in prediction.windows],
+                    "text": prediction.text,
+                }
+                if prediction.coarse is not None:
+                    row["coarse_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in prediction.coarse.windows]
+                    row["reloaded_segments"] = prediction.reloaded
+                rows.append(row)
+            bar.update(len(predictions))
+    skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
+    os.makedirs(out_dir, exist_ok=True)
+    if count > 1:
+        rows, skipped = _gather_shares(rows, skipped, samples, out_dir)
+    result = metrics.grounding_metrics(
+        [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
+    )
+    if rows and "coarse_windows" in rows[0]:
+        coarse = metrics.grounding_metrics(
+            [r["coarse_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
+        )
+        result |= {f"coarse_{k}": v for k, v in coarse.items()}
+    result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
+    if primary:
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[list, list]:
+    """Every process's evaluation rows and skipped videos, rows in the order of `samples`."""
+    from jax.experimental import multihost_utils
+
+    index, count = jax.process_index(), jax.process_count()
+    part = os.path.join(out_dir, f"predictions.part-{{}}-of-{count}.json")
+    with open(part.format(index), "w") as f:
+        json.dump({"rows": rows, "skipped": skipped}, f)
+    multihost_utils.sync_global_devices("jaxgrounding: evaluation shares written")
+    shares = []
+    for p in range(count):
+        with open(part.format(p)) as f:
+            shares.append(json.load(f))
+    multihost_utils.sync_global_devices("jaxgrounding: evaluation shares read")
+    os.remove(part.format(index))
+    order = {s.id: i for i, s in enumerate(samples)}
+    rows = sorted((r for share in shares for r in share["rows"]), key=lambda r: order[r["id"]])
+    return rows, [s for share in shares for s in share["skipped"]]
+
+
+@dataclasses.dataclass
+class _PromptTransform:
+    """The evaluation transform: prompt arrays plus the ground truth and id of the sample."""
+
+    encoder: StructuralEncoder
+
+    def __call__(self, sample, video):
+        return self.encoder.encode_prompt(sample, video) | {
+            "windows": np.asarray(sample.windows, np.float32).reshape(-1, 2),
+            "id": np.asarray(sample.id),
+        }
