@@ -13,13 +13,20 @@ Dropout on the adapter input (MeCo: 0.05) applies only when a training step pass
 key (`VideoLLM.forward(dropout_key=...)`): the adapter then runs as its own two matmuls on the
 dropped input, since a folded kernel cannot see a different input than the base weights. Without
 a key (evaluation, generation) the fold is exact.
+
 qwix was considered and not used: it rewrites modules by interception, which does not see
 through our `nnx.vmap`-stacked layers.
+
+`adapters_disabled(model)` switches every adapter off for the calls made inside it: the same
+parameters then run as the base model (GRPO's reference policy), with no second copy of the
+weights. The switch is a static attribute, so a jitted function traced inside the context (or
+`nnx.split` there) compiles the base model, and one traced outside compiles the adapted one.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +95,33 @@ def merge_lora(model) -> None:
             module.lora_b = nnx.data(None)
             module.lora_scale = 1.0
             module.lora_dropout = 0.0
+
+
+def _adapted_modules(model) -> list:
+    return [
+        module
+        for _, module in nnx.iter_graph(model)
+        if isinstance(module, (layers.Linear, layers.OutLinear)) and module.lora_a is not None
+    ]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator:
+    """Runs `model` as its base model inside the block: every attached adapter is switched off and
+    switched back on when the block ends (also on error). A model without adapters is unchanged.
+
+        with adapters_disabled(model):
+            reference = model.forward(inputs, logits=False)   # the frozen base weights only
+
+    Inside a jitted function, use it on the model merged there (`nnx.merge(graphdef, state)`): as for any
+    NNX module, a model built outside a trace cannot be mutated inside it.
+    """
+    modules = _adapted_modules(model)
+    before = [module.lora_enabled for module in modules]
+    for module in modules:
+        module.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for module, enabled in zip(modules, before):
+            module.lora_enabled = enabled

@@ -1,11 +1,12 @@
-"""LoRA adapters: zero-initialised (no change), trainable by type filter, and merged exactly."""
+"""LoRA adapters: zero-initialised (no change), trainable by type filter, merged exactly, and switched off
+(the base model from the same parameters)."""
 
 import jax
 import numpy as np
 from flax import nnx
 
 import jaxgrounding.model as jm
-from jaxgrounding.model.lora import apply_lora, merge_lora
+from jaxgrounding.model.lora import adapters_disabled, apply_lora, merge_lora
 from tests.model import hf_reference as ref
 
 
@@ -72,3 +73,34 @@ def test_lora_dropout_drops_the_adapter_input_only_in_training():
         want = flat @ kernel.reshape(flat.shape[1], -1) + 2.0 * ((keep * flat / 0.5) @ a @ b)
         want = want + np.asarray(module.bias[...]).reshape(-1)
         np.testing.assert_allclose(dropped.reshape(want.shape), want, atol=1e-4)
+
+
+def test_adapters_disabled_runs_the_base_model_inside_and_outside_jit(tmp_path):
+    ref.build_reference("qwen2_5_vl", str(tmp_path))
+    base_model = jm.from_pretrained(str(tmp_path))
+    ids = np.random.default_rng(0).integers(3, 280, size=(2, 9))
+    base = np.asarray(base_model(input_ids=ids).logits)
+    model = jm.from_pretrained(str(tmp_path))
+    apply_lora(model, rank=4, alpha=8.0)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05, nnx.state(model, nnx.LoRAParam)))  # nonzero B
+    adapted = np.asarray(model(input_ids=ids).logits)
+    assert np.abs(adapted - base).max() > 1e-3
+    with adapters_disabled(model):
+        np.testing.assert_allclose(np.asarray(model(input_ids=ids).logits), base, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(input_ids=ids).logits), adapted, atol=1e-6)  # switched back on
+
+    # In one jitted function (a GRPO step: policy and reference from the same parameters).
+    graphdef, state = nnx.split(model)
+    inputs = jm.prepare_inputs(model.config, ids)
+
+    @jax.jit
+    def policy_and_reference(state):
+        m = nnx.merge(graphdef, state)
+        policy = m.forward(inputs).logits
+        with adapters_disabled(m):
+            reference = m.forward(inputs).logits
+        return policy, reference
+
+    policy, reference = policy_and_reference(state)
+    np.testing.assert_allclose(np.asarray(policy), adapted, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(reference), base, atol=1e-5)
