@@ -100,16 +100,29 @@ _TRANSIENT_CAPTION = {
     "bounce": "The {obj} hops up and down above its place, then lands.",
     "change_colour": "The {obj} turns {new_colour} for a while, then back to {colour}.",
 }
-_VERBS = {
-    "move": ("move",),
-    "spin": ("spin",),
-    "grow": ("grow",),
-    "shrink": ("shrink",),
-    "appear": ("appear",),
-    "disappear": ("disappear",),
-    "bounce": ("bounce",),
-    "change_colour": ("change",),
-}
+# The verbs (lemmas) that name the event in each query phrasing, keyed by (transient, task phrasing), for
+# the inversion tasks (Invert4TVG): the event's verbs only, not "find" / "locate" (they name the task). A
+# phrasing that names a state instead of a change ("when is the {obj} bigger?") records the verb of the
+# event's caption, which shows it. tests/tasks/test_verbs.py checks every entry against the verbs that
+# `tasks.verbs.verb_lemmas` finds in the query (and the caption).
+_QUERY_VERBS = {
+    (False, False): {
+        "move": ("move",), "spin": ("spin",), "grow": ("grow",), "shrink": ("shrink",), "appear": ("appear",),
+        "disappear": ("disappear",), "bounce": ("bounce",), "change_colour": ("change",),
+    },
+    (False, True): {
+        "move": ("travel",), "spin": ("rotate",), "grow": ("get",), "shrink": ("get",), "appear": ("show",),
+        "disappear": ("vanish",), "bounce": ("hop",), "change_colour": ("turn",),
+    },
+    (True, False): {
+        "move": ("shift",), "spin": ("turn",), "grow": ("swell",), "shrink": ("shrink",), "appear": ("show",),
+        "disappear": ("go",), "bounce": ("hop",), "change_colour": ("turn",),
+    },
+    (True, True): {
+        "move": ("step",), "spin": ("tilt",), "grow": ("swell",), "shrink": ("shrink",), "appear": ("show",),
+        "disappear": ("miss",), "bounce": ("hop",), "change_colour": ("look",),
+    },
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +142,11 @@ class SceneConfig:
     transient: events alter the object on their window's frames only (see the module
       docstring); False gives the older state changes, which persist after the window.
     event_kinds: the kinds events are drawn from (a subset of EVENT_KINDS).
+    clock: draw a clock on every frame, a bar along the bottom edge whose lit length is the
+      time in seconds over max_duration (a burned-in timecode, as on surveillance footage).
+      A pretrained video-LLM reads absolute time from its temporal position ids; a tiny model
+      trained from scratch for minutes cannot, so answers that *write* times (Time-R1's
+      "12.00 to 17.00") are learnable on the synthetic set only with the clock.
     """
 
     min_duration: float = 20.0
@@ -145,6 +163,7 @@ class SceneConfig:
     grid: int = 2
     transient: bool = True
     event_kinds: tuple[str, ...] = EVENT_KINDS
+    clock: bool = False
 
     def __post_init__(self):
         # Circles never spin, so every object needs a kind other than spin.
@@ -186,6 +205,7 @@ class Scene:
     background: tuple[int, int, int]
     objects: tuple[SceneObject, ...]
     events: tuple[Event, ...]
+    clock_span: float = 0.0  # seconds a full clock bar stands for; 0: no clock (SceneConfig.clock)
 
     @property
     def duration(self) -> float:
@@ -272,7 +292,8 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
             )
         )
     background = tuple(int(c) for c in rng.integers(20, 90, size=3))
-    return Scene(num_frames, cfg.fps, cfg.size, background, objects, tuple(events))
+    clock_span = cfg.max_duration if cfg.clock else 0.0
+    return Scene(num_frames, cfg.fps, cfg.size, background, objects, tuple(events), clock_span)
 
 
 def _progress(t: float, event: Event) -> float:
@@ -388,8 +409,19 @@ def render(scene: Scene) -> np.ndarray:
             v = -s * (xs - x) + c * (ys - y)
             mask = _mask(obj.shape, u, v, r)[..., None]
             canvas = np.where(mask, (1 - alpha) * canvas + alpha * rgb, canvas)
+        if scene.clock_span:
+            _draw_clock(canvas, t / scene.clock_span)
         frames[k] = np.clip(canvas, 0, 255).astype(np.uint8)
     return frames
+
+
+def _draw_clock(canvas: np.ndarray, fraction: float) -> None:
+    """The bottom eighth of the frame: white up to `fraction` of the width, black after it."""
+    size = canvas.shape[1]
+    rows = slice(size - max(2, size // 8), size)
+    lit = int(round(min(max(fraction, 0.0), 1.0) * size))
+    canvas[rows, :lit] = 255.0
+    canvas[rows, lit:] = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,9 +444,10 @@ def describe(scene: Scene, event: Event, rng: np.random.Generator, task_phrasing
         task, explicit, caption = _TRANSIENT_TASK, _TRANSIENT_EXPLICIT, _TRANSIENT_CAPTION
     else:
         task, explicit, caption = _TASK, _EXPLICIT, _CAPTION
-    template = task if rng.random() < task_phrasing else explicit
+    task_phrased = rng.random() < task_phrasing
+    template = task if task_phrased else explicit
     return EventText(
         query=template[event.kind].format(**fields),
         caption=caption[event.kind].format(**fields),
-        verbs=_VERBS[event.kind],
+        verbs=_QUERY_VERBS[(event.transient, task_phrased)][event.kind],
     )
