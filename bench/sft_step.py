@@ -165,7 +165,7 @@ def bench_default(args) -> dict:
     pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
     batches = iter(data_lib.make_pipeline(train, pipeline, encoder))
     model, tokenizer = experiment.build_model(config, checkpoint)
-    trainer = experiment.build_trainer(config, model, tokenizer)
+    trainer = experiment.build_trainer(config, model, tokenizer, checkpoint)
     # Fix one batch shape so every timed step runs the same compiled program.
     batch = next(batches)
     from jaxgrounding.grounding_model import device_batch

@@ -19,7 +19,8 @@ import tqdm
 from jaxgrounding import data as data_lib
 from jaxgrounding import inference, metrics, settings
 from jaxgrounding.grounding_model import GroundingModel
-from jaxgrounding.tasks.encoding import StructuralEncoder
+from jaxgrounding.tasks import inversion, rewards, timestamps
+from jaxgrounding.tasks.encoding import ChatEncoder, StructuralEncoder, clip
 
 
 def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: str = "auto"):
@@ -48,6 +49,8 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     """
     if config.eval.max_samples:
         samples = samples[: config.eval.max_samples]
+    if answer_format(config) == "timestamps":
+        return evaluate_answers(model, tokenizer, samples, checkpoint, config, out_dir)
     index, count = jax.process_index(), jax.process_count()
     encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=False))
     prompts = _PromptTransform(encoder)
@@ -97,6 +100,94 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def answer_format(config) -> str:
+    """"structural" (MeCo's <ent>/<tst>, read through frame similarity) or "timestamps" (Time-R1's text)."""
+    return config.answer.format if "answer" in config else "structural"
+
+
+def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
+    """Evaluation of a model that writes its answers (Time-R1 / Invert4TVG): grounding R1@{0.3, 0.5, 0.7} with
+    both threshold conventions (IoU >= m, Invert4TVG's; IoU > m, Time-R1's), mIoU and the parse-failure rate, then
+    the three inversion tasks' accuracies on the same samples (Invert4TVG, fig. 1). What published numbers silently
+    depend on is pinned in the result: the prompt, thinking, decoding and the new-token budget."""
+    index, count = jax.process_index(), jax.process_count()
+    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    sampling_config = settings.sampling_config(config)
+    thinking = config.answer.thinking
+    tasks = ("grounding",) + tuple(config.grpo.inversion_tasks)
+    share = samples[index::count]
+    rows = {s.id: {"id": s.id, "duration": round(s.duration, 3), "gt_windows": [list(w) for w in s.windows]} for s in share}
+    rng = jax.random.key(config.seed)
+    for task in tasks:
+        transform = _AnswerPrompt(encoder, task, thinking)
+        pipeline = settings.pipeline_config(config, train=False, batch_size=config.eval.batch_size)
+        pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1, buckets=settings.prompt_buckets(config))
+        # An inversion task is scored on the samples that have an answer for it (a verb to recover).
+        asked = share if task == "grounding" else [s for s in share if inversion.applicable(task, s)]
+        by_id = {s.id: s for s in asked}
+        with tqdm.tqdm(total=len(asked), desc=f"evaluate {task}", unit="sample", disable=index != 0) as bar:
+            for batch in data_lib.make_pipeline(asked, pipeline, transform):
+                rng, key = jax.random.split(rng)
+                texts = inference.generate_answers(model, batch, tokenizer, tuple(config.data.frame_size), sampling_config, key)
+                for b, text in zip(np.flatnonzero(batch["valid"]), texts):
+                    row = rows[str(batch["id"][b])]
+                    sample = by_id[row["id"]]
+                    if task == "grounding":
+                        window = timestamps.parse_answer(text)
+                        row |= {"text": text, "pred_windows": [] if window is None else [[round(window[0], 3), round(window[1], 3)]]}
+                    else:
+                        value = rewards.task_rewards(text, sample, task, thinking=thinking)[task]
+                        row[task] = {"text": text, "correct": bool(value > 0)}
+                bar.update(int(batch["valid"].sum()))
+    rows = [rows[s.id] for s in share]
+    os.makedirs(out_dir, exist_ok=True)
+    if count > 1:
+        rows, _ = _gather_shares(rows, [], samples, out_dir)
+    preds, gts = [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows]
+    result = {}
+    for inclusive, suffix in ((True, ""), (False, "_gt")):
+        for k, v in metrics.grounding_metrics(preds, gts, inclusive=inclusive).items():
+            if k != "mIoU" or inclusive:
+                result[k + suffix] = v
+    result["parse_failures"] = 100.0 * sum(not p for p in preds) / max(len(rows), 1)
+    for task in tasks[1:]:
+        scored = [r[task]["correct"] for r in rows if task in r]
+        result[f"{task}_accuracy"] = 100.0 * sum(scored) / max(len(scored), 1)
+        result[f"{task}_samples"] = len(scored)
+    result |= {
+        "samples": len(rows),
+        "inclusive": True,
+        "conventions": {"R1@m": "IoU >= m (Invert4TVG)", "R1@m_gt": "IoU > m (Time-R1)"},
+        "prompt": timestamps.grounding_prompt("{query}", thinking=thinking),
+        "thinking": bool(thinking),
+        "decoding": "greedy" if sampling_config.temperature <= 0 else f"temperature {sampling_config.temperature}",
+        "max_new_tokens": sampling_config.max_new_tokens,
+    }
+    if index == 0:
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+@dataclasses.dataclass
+class _AnswerPrompt:
+    """The prompt of one task for a sample (grounding: the whole video; inversion: the ground-truth clip)."""
+
+    encoder: ChatEncoder
+    task: str
+    thinking: bool
+
+    def __call__(self, sample, video):
+        if self.task == "grounding":
+            text = timestamps.grounding_prompt(sample.query, thinking=self.thinking)
+        else:
+            text, video = inversion.prompt(self.task, sample), clip(video, sample.windows[0])
+        return self.encoder.prompt(text, video) | {"id": np.asarray(sample.id)}
 
 
 def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[list, list]:

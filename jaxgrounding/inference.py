@@ -86,6 +86,20 @@ def predict(
     return _read(model, batch, tokenizer, assignment, gen, frame_states, np.asarray(frame_valid))
 
 
+def generate_answers(model: GroundingModel, batch: dict, tokenizer, frame_size, sampling_config, rng=None) -> list[str]:
+    """The generated text of every valid row of a prompt batch (answers written as text: Time-R1's format)."""
+    config = model.llm.config
+    arrays = device_batch(batch)
+    inputs = batch_inputs(arrays, config, batch_plan(arrays, config, frame_size))
+    end_ids = _end_ids(tokenizer)
+    gen = sampling.generate(model.llm, inputs, sampling_config, end_ids=end_ids, rng=rng)
+    tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    return [
+        tokenizer.tokenizer.decode([int(t) for t in tokens[b, : lengths[b]] if int(t) not in end_ids])
+        for b in np.flatnonzero(batch["valid"])
+    ]
+
+
 def _end_ids(tokenizer) -> list[int]:
     end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if tokenizer.tokenizer.eos_token_id is not None:

@@ -48,6 +48,8 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
     buckets = {k: text for k in ("input_ids", "loss_mask", "positions", "frame_of_token")}
     buckets |= {"pixel_values": tuple(g * patches_per_grid for g in grids), "grid_times": grids}
     buckets |= {k: structural for k in ("struct_positions", "struct_kinds", "struct_ranges", "windows")}
+    # Decoded frames (GRPO builds its prompts on the host, once the step's task is drawn).
+    buckets |= {k: tuple(2 * g for g in grids) for k in ("frames", "timestamps")}
     return data_lib.PipelineConfig(
         batch_size=batch_size,
         seed=config.seed,
@@ -57,6 +59,13 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
         buckets=buckets,
         video={"fps": config.data.fps, "max_frames": config.data.max_frames, "size": tuple(config.data.frame_size)},
     )
+
+
+def prompt_buckets(config) -> dict[str, tuple[int, ...]]:
+    """Bucket sizes of prompt arrays built on the host (GRPO rollouts, answer evaluation), as the
+    pipeline's: a few shapes, so the jitted rollout and score functions compile a few times."""
+    buckets = pipeline_config(config, train=True, batch_size=1).buckets
+    return {k: buckets[k] for k in ("input_ids", "loss_mask", "positions", "frame_of_token", "pixel_values", "grid_times")}
 
 
 def streaming_config(config):

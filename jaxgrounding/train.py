@@ -5,6 +5,8 @@
 The workdir gets: config.json (the resolved config), checkpoints/ (Orbax; a run started on a
 workdir with checkpoints resumes from the latest), tb/ (TensorBoard events),
 train_metrics.jsonl (one line per logged step), eval/metrics.json and eval/predictions.jsonl.
+A GRPO config with `warm_start.steps` first trains its supervised warm start in workdir/warm_start
+(evaluated into workdir/eval_init), then starts GRPO from that model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from tensorboardX import SummaryWriter
 
 from jaxgrounding import data as data_lib
 from jaxgrounding import evaluation, parallel, settings
-from jaxgrounding.tasks.encoding import StructuralEncoder
 from jaxgrounding.training import experiment
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 
@@ -33,11 +34,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.", required=True)
 
 log = logging.getLogger(__name__)
+# Metrics on the progress bar, besides every "*_loss": SFT's loss, GRPO's reward and KL.
+_SHOWN = ("loss", "reward", "kl")
 
 
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training, then evaluates. `stop_after` ends the run after that step
     without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
+    if "warm_start" in config and config.warm_start.steps:
+        warm_workdir = os.path.join(workdir, "warm_start")
+        if not os.path.isfile(os.path.join(warm_workdir, "eval_done")):
+            log.info("warm start: %d supervised steps in the answer format", config.warm_start.steps)
+            _run(experiment.warm_start_config(config), warm_workdir, os.path.join(workdir, "eval_init"), None)
+            if jax.process_index() == 0:
+                open(os.path.join(warm_workdir, "eval_done"), "w").close()
+        config = experiment.after_warm_start(config, warm_workdir)
+    return _run(config, workdir, os.path.join(workdir, "eval"), stop_after)
+
+
+def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     primary = jax.process_index() == 0  # the one process that writes the workdir's files
     os.makedirs(workdir, exist_ok=True)
     if primary:
@@ -52,7 +67,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     checkpoint_dir = experiment.first_process_first(
         lambda: experiment.resolve_checkpoint(config, workdir, train_samples)
     )
-    encoder = StructuralEncoder(checkpoint_dir, settings.encoder_config(config, train=True))
+    transform = experiment.train_transform(config, checkpoint_dir, train_samples)
     global_batch = config.train.batch_size
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % data_parallel or global_batch % jax.process_count():
@@ -61,12 +76,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
             f"(mesh {dict(mesh.shape)}) and by the {jax.process_count()} processes"
         )
     pipeline = settings.pipeline_config(config, train=True, batch_size=global_batch // jax.process_count())
-    batches = iter(data_lib.make_pipeline(train_samples, pipeline, encoder))
+    batches = iter(data_lib.make_pipeline(train_samples, pipeline, transform))
 
     # --- Model, optimizer --------------------------------------------------------------------------
     with jax.set_mesh(mesh):
         model, tokenizer = experiment.build_model(config, checkpoint_dir, mesh=mesh)
-        trainer = experiment.build_trainer(config, model, tokenizer, mesh=mesh)
+        trainer = experiment.build_trainer(config, model, tokenizer, checkpoint_dir, train_samples, mesh=mesh)
     del model
 
     # --- Checkpoint: resume from the latest if there is one ---------------------------------------
@@ -103,7 +118,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                 raise FloatingPointError(f"step {step}: loss is {metrics['loss']} on samples {ids}; stopping")
             bar.update(1)
             # Whatever the objective reports as a loss (SFT: loss, lm_loss, st_loss, ...).
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k == "loss" or k.endswith("_loss")})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in _SHOWN or k.endswith("_loss")})
             if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
                 seconds = time.perf_counter() - tick
                 metrics |= {"step": step, "steps_per_s": (step - start) / max(seconds, 1e-9)}
@@ -141,7 +156,6 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         experiment.export_hf(model, tokenizer, os.path.join(workdir, "export"))
     # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
     with contextlib.nullcontext() if local else jax.set_mesh(mesh):
-        eval_dir = os.path.join(workdir, "eval")
         result = evaluation.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, eval_dir)
     if writer:
         for k, v in result.items():

@@ -51,8 +51,10 @@ def pad_and_stack(
             shapes = {v.shape for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"{key!r} has shapes {shapes}; give it a bucket to pad it")
-            out = np.zeros((batch_size, *values[0].shape), values[0].dtype)
-            out[: len(values)] = np.stack(values)
+            # np.stack finds the common dtype: strings of different lengths keep their longest width.
+            stacked = np.stack(values)
+            out = np.zeros((batch_size, *values[0].shape), stacked.dtype)
+            out[: len(values)] = stacked
             batch[key] = out
     valid = np.zeros((batch_size,), bool)
     valid[: len(examples)] = True

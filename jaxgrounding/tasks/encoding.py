@@ -84,9 +84,12 @@ class StructuralEncoder:
             )
         return processor.video(frames, fps=float(video.fps))
 
-    def _prompt_ids(self, instruction: str, num_visual_tokens: int) -> list[int]:
+    def _prompt_ids(self, instruction: str, num_visual_tokens: int, text_first: bool = False) -> list[int]:
+        """The chat-templated user turn: the video then the instruction (MeCo), or with `text_first`
+        the instruction then the video (Time-R1's training prompt)."""
         tokenizer, config, _ = self._load()
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
+        content = [{"type": "video"}, {"type": "text", "text": instruction}]
+        messages = [{"role": "user", "content": content[::-1] if text_first else content}]
         text = tokenizer.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pad = "<|video_pad|>"
         if text.count(pad) != 1:
@@ -165,3 +168,55 @@ class StructuralEncoder:
             "grid_times": grid_times,
             "grid_duration": np.float32(visual.second_per_grid),  # seconds one grid spans
         }
+
+
+def clip(video, window: tuple[float, float]):
+    """The frames of `video` inside `window` (seconds), timestamps kept absolute, at least two frames
+    (one temporal grid): the inversion tasks see the ground-truth clip only (Invert4TVG, sec. 3.2)."""
+    times = np.asarray(video.timestamps)
+    inside = np.flatnonzero((times >= window[0] - 1e-6) & (times <= window[1] + 1e-6))
+    if inside.size < 2:
+        centre = int(np.argmin(np.abs(times - (window[0] + window[1]) / 2)))
+        first = min(max(centre - 1 + (inside.size == 1), 0), max(len(times) - 2, 0))
+        inside = np.arange(first, min(first + 2, len(times)))
+    return dataclasses.replace(video, frames=video.frames[inside], timestamps=times[inside])
+
+
+class ChatEncoder(StructuralEncoder):
+    """Prompt + free-text response examples (Time-R1 / Invert4TVG): the instruction comes before the
+    video in the user turn, the response is plain text ended by the end-of-turn token, and the LM loss
+    covers the response. What the prompt and response say is the caller's (`tasks.timestamps`,
+    `tasks.inversion`); this class only turns them into arrays, in the layout `StructuralEncoder` uses
+    (so the same batching, vision plan and model inputs apply)."""
+
+    def prompt(self, instruction: str, video) -> dict[str, np.ndarray]:
+        _, config, _ = self._load()
+        visual = self._visual_of(video)
+        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=True), np.int32)
+        return self._common(ids, visual, video, config)
+
+    def example(self, instruction: str, video, response: str, sample_id: str = "") -> dict[str, np.ndarray]:
+        """A supervised example: prompt + response, `loss_mask` on the response tokens."""
+        tokenizer, config, _ = self._load()
+        visual = self._visual_of(video)
+        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=True)
+        answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids = np.asarray(prompt + answer, np.int32)
+        if ids.shape[0] > self.config.max_tokens:
+            raise ValueError(
+                f"sample {sample_id}: {ids.shape[0]} tokens exceed max_tokens={self.config.max_tokens} "
+                "(lower the fps / max_frames or the frame size)"
+            )
+        loss_mask = np.zeros(ids.shape, bool)
+        loss_mask[len(prompt) :] = True
+        return self._common(ids, visual, video, config) | {"loss_mask": loss_mask}
+
+    def _visual_of(self, video):
+        _, _, processor = self._load()
+        frames = np.asarray(video.frames)
+        if frames.shape[1:3] != tuple(self.config.frame_size):
+            raise ValueError(
+                f"frames are {frames.shape[1]}x{frames.shape[2]}, the encoder expects "
+                f"{self.config.frame_size[0]}x{self.config.frame_size[1]}: decode with read_video(size=frame_size)"
+            )
+        return processor.video(frames, fps=float(video.fps))

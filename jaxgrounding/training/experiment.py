@@ -23,10 +23,11 @@ from jaxgrounding.grounding_model import GroundingModel
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
-from jaxgrounding.tasks import templates
+from jaxgrounding.tasks import inversion, templates, timestamps
+from jaxgrounding.tasks.encoding import ChatEncoder, StructuralEncoder
 from jaxgrounding.training import optim
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
-from jaxgrounding.training import sft  # noqa: F401  (registers the SFT methods)
+from jaxgrounding.training import grpo, sft  # noqa: F401  (register the methods' objectives)
 from jaxgrounding.training.trainer import Trainer, TrainerConfig, make_objective
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,23 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
 
 
 def text_corpus(samples) -> list[str]:
-    """Texts the tiny tokenizer is trained on: queries, captions and the instruction templates."""
+    """Texts the tiny tokenizer is trained on: queries, captions, the instruction templates and the text
+    answer format (grounding prompts, inversion prompts, `<answer>` windows), so both answer formats
+    tokenise into few pieces."""
     texts = [s.query for s in samples] + [c for s in samples for c in (s.captions or [])]
-    return texts + [p for task in templates.TASKS for p in templates.TEMPLATES[task]]
+    texts += [p for task in templates.TASKS for p in templates.TEMPLATES[task]]
+    texts += [
+        timestamps.grounding_prompt("the event", thinking=thinking, phrasing=p)
+        for p in range(len(timestamps.PHRASINGS))
+        for thinking in (False, True)
+    ]
+    texts += [inversion.PROMPTS[task].format(masked="a person [] the door") for task in inversion.INVERSION_TASKS]
+    rng = np.random.default_rng(0)
+    for start in rng.uniform(0, 60, size=200):
+        window = (start, start + rng.uniform(0.5, 20))
+        texts.append(timestamps.format_answer(window, thinking=None))
+        texts.append(timestamps.format_answer(window, thinking=f"The event is seen from {window[0]:.2f} to {window[1]:.2f}."))
+    return texts
 
 
 def resolve_checkpoint(config, workdir: str, train_samples) -> str:
@@ -94,6 +109,47 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
     return build_tiny_checkpoint(
         os.path.join(workdir, "tiny_model"), text_corpus(train_samples), seed=config.seed, **sizes
     )
+
+
+def train_transform(config, checkpoint: str, train_samples):
+    """The pipeline transform of `config.method`: MeCo's structural examples, answer-format examples (the
+    warm start of Invert4TVG), or GRPO's decoded frames (its prompts are built per step)."""
+    encoder_config = settings.encoder_config(config, train=True)
+    if config.method == "invert4tvg":
+        return grpo.RolloutTransform({s.id: i for i, s in enumerate(train_samples)})
+    if config.method == "answer_sft":
+        return grpo.WarmStartTransform(
+            ChatEncoder(checkpoint, encoder_config),
+            thinking=config.answer.thinking,
+            inversion_fraction=config.warm_start.inversion_fraction,
+            inversion_tasks=tuple(config.grpo.inversion_tasks),
+            seed=config.seed,
+        )
+    return StructuralEncoder(checkpoint, encoder_config)
+
+
+def warm_start_config(config):
+    """The supervised warm start of a GRPO config: the same model and data, the answer-format SFT objective,
+    `warm_start.steps` steps at `warm_start.learning_rate`, exported as an HF checkpoint GRPO starts from."""
+    warm = config.copy_and_resolve_references()
+    with warm.unlocked():
+        warm.method = "answer_sft"
+        warm.train.steps = config.warm_start.steps
+        warm.train.st_weight = 0.0
+        warm.train.export = True
+        warm.train.log_every = 50
+        warm.train.checkpoint_every = config.warm_start.steps
+        warm.optimizer.learning_rate = config.warm_start.learning_rate
+        warm.optimizer.warmup_fraction = 0.03
+    return warm
+
+
+def after_warm_start(config, warm_workdir: str):
+    """`config` starting from the warm start's exported model."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.checkpoint = os.path.join(warm_workdir, "export")
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,9 +174,10 @@ def trainer_config(config) -> TrainerConfig:
     )
 
 
-def build_trainer(config, model: GroundingModel, tokenizer, mesh=None) -> Trainer:
-    """The trainer of `config.method`'s registered objective for `model`."""
-    objective = make_objective(config.method, config, model.llm.config, tuple(config.data.frame_size))
+def build_trainer(config, model: GroundingModel, tokenizer, checkpoint: str, samples=(), mesh=None) -> Trainer:
+    """The trainer of `config.method`'s registered objective for `model` (`checkpoint`: the base checkpoint
+    directory; `samples`: the training samples, which GRPO looks its rollout prompts up in)."""
+    objective = make_objective(config.method, config, model.llm.config, checkpoint, samples)
     return Trainer(model, objective, trainer_config(config), [tokenizer.ent_id, tokenizer.tst_id], mesh=mesh)
 
 
@@ -155,7 +212,7 @@ def restore_model(config, workdir: str):
         raise FileNotFoundError(f"{checkpoint_dir}: base checkpoint not found (was {workdir} trained?)")
     model, tokenizer = build_model(config, checkpoint_dir)
     # The trainer gives the exact structure the checkpoint was written with.
-    trainer = build_trainer(config, model, tokenizer)
+    trainer = build_trainer(config, model, tokenizer, checkpoint_dir)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
     step = checkpointer.latest_step()
     if step is None:

@@ -68,7 +68,16 @@ def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr
 
 def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, streamed=None, dropout_key=None):
     """Returns (total loss, metrics dict) for one batch. `streamed`: None for one causal pass, or
-    (BufferLayout, HVRConfig) for a streamed batch; `dropout_key`: LoRA input dropout (training)."""
+    (BufferLayout, HVRConfig) for a streamed batch; `dropout_key`: LoRA input dropout (training).
+    A batch without structural tokens (free-text answers: Time-R1's format) has the LM loss alone."""
+    if "struct_kinds" not in batch:
+        if streamed is not None:
+            raise ValueError("streamed SFT needs structural-token batches")
+        inputs = batch_inputs(batch, model.llm.config, plan)
+        out = model.llm.forward(inputs, logits=False, dropout_key=dropout_key)
+        mask = inputs.attention_mask
+        lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
+        return lm, {"loss": lm, "lm_loss": lm, "tokens": tokens}
     if streamed is None:
         lm, tokens, token_states, frame_states, frame_valid = _full_states(model, batch, plan, dropout_key)
     else:
@@ -115,14 +124,20 @@ class SFT:
     TimeScope's streamed pass (the host cuts prompts into prefix / segments / suffix and draws the coarse-to-fine
     reloads per sample and step)."""
 
+    updates_per_batch = 1
+
     def __init__(self, config: SFTConfig, model_config: ModelConfig, frame_size: tuple[int, int]):
         self.config = config
         self.model_config = model_config
         self.frame_size = tuple(frame_size)
 
-    def host_arrays(self, batch: dict, step: int) -> dict:
+    def start(self, model: GroundingModel) -> None:
+        del model
+
+    def host_arrays(self, batch: dict, step: int, policy=None) -> tuple[dict, dict]:
+        del policy  # supervised: the batch alone
         if self.config.streaming is None:
-            return device_batch(batch)
+            return device_batch(batch), {}
         config = self.config
         arrays = streaming_lib.split_batch(batch, self.model_config, config.streaming, self.frame_size)
         num_segments = arrays["segment_valid"].shape[1]
@@ -131,7 +146,7 @@ class SFT:
         )
         for key in ("struct_kinds", "struct_positions_mask", "struct_ranges", "valid"):
             arrays[key] = np.asarray(batch[key])
-        return device_batch(arrays)
+        return device_batch(arrays), {}
 
     def prepare(self, arrays: dict, micro_batch: int) -> tuple[dict, SFTLoss]:
         """The vision plan of one micro-batch and the loss, from (global-shaped) host arrays or their shapes."""
@@ -149,8 +164,8 @@ class SFT:
         return plan, SFTLoss(self.config.st_weight, (layout, streaming.hvr))
 
 
-@register_objective("meco", "timescope")
-def sft_objective(config, model_config: ModelConfig, frame_size) -> SFT:
+@register_objective("meco", "timescope", "answer_sft")
+def sft_objective(config, model_config: ModelConfig, checkpoint: str, samples) -> SFT:
     """MeCo and TimeScope train with SFT (TimeScope's config has `streaming` settings)."""
     sft = SFTConfig(
         st_weight=config.train.st_weight,
@@ -158,4 +173,4 @@ def sft_objective(config, model_config: ModelConfig, frame_size) -> SFT:
         coarse_to_fine=settings.coarse_to_fine_config(config),
         seed=config.seed,
     )
-    return SFT(sft, model_config, frame_size)
+    return SFT(sft, model_config, tuple(config.data.frame_size))

@@ -1,9 +1,12 @@
 """One trainer for every method: the train state and the jitted update; the method's loss is a parameter.
 
-A method (SFT today: MeCo's LM + L_ST, TimeScope's streamed version; GRPO next) is an `Objective`:
+A method (SFT: MeCo's LM + L_ST, TimeScope's streamed version; GRPO: Invert4TVG) is an `Objective`:
 
-- `host_arrays(batch, step)`: this process's rows of the global batch -> numeric host arrays (the method's
-  host-side preparation, e.g. cutting prompts into streamed segments);
+- `start(model)`: once, before the first step (GRPO keeps its reference policy);
+- `host_arrays(batch, step, policy)`: this process's rows of the global batch -> (numeric host arrays, host
+  metrics): the method's host-side work, e.g. cutting prompts into streamed segments, or GRPO's rollouts with
+  the current model `policy()`, rewards and advantages;
+- `updates_per_batch`: optimizer updates on one batch of host arrays (GRPO's `num_iterations`; SFT: 1);
 - `prepare(arrays, micro_batch)`: from the global-shaped arrays, the vision plan and the loss to trace, a hashable
   (frozen) callable `loss(model, arrays, plan, key) -> (total, metrics)`. Being a static argument of the jitted
   step, everything the trace depends on is in it or in the arrays: no state of the trainer is read by the trace.
@@ -39,7 +42,13 @@ class Loss(Protocol, Hashable):
 
 
 class Objective(Protocol):
-    def host_arrays(self, batch: dict, step: int) -> dict[str, np.ndarray]: ...
+    updates_per_batch: int
+
+    def start(self, model: GroundingModel) -> None: ...
+
+    def host_arrays(
+        self, batch: dict, step: int, policy: Callable[[], GroundingModel]
+    ) -> tuple[dict[str, np.ndarray], dict]: ...
 
     def prepare(self, arrays: dict[str, np.ndarray], micro_batch: int) -> tuple[Any, Loss]: ...
 
@@ -48,7 +57,8 @@ _OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
 def register_objective(*methods: str):
-    """Registers `factory(config, model_config, frame_size) -> Objective` for the config `method` names."""
+    """Registers `factory(config, model_config, checkpoint, samples) -> Objective` for the config `method` names
+    (checkpoint: the base checkpoint directory, for the tokenizer; samples: the training samples)."""
 
     def register(factory):
         for method in methods:
@@ -60,11 +70,11 @@ def register_objective(*methods: str):
     return register
 
 
-def make_objective(method: str, config, model_config, frame_size) -> Objective:
+def make_objective(method: str, config, model_config, checkpoint: str, samples=()) -> Objective:
     """The registered objective of `method`, built from the run's config."""
     if method not in _OBJECTIVES:
         raise ValueError(f"config.method={method!r} has no registered objective; known: {sorted(_OBJECTIVES)}")
-    return _OBJECTIVES[method](config, model_config, frame_size)
+    return _OBJECTIVES[method](config, model_config, checkpoint, samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +94,7 @@ class Trainer:
         self.objective = objective
         self.config = config
         self.mesh = mesh
+        objective.start(model)
         self.graphdef, self.trainable, self.frozen = nnx.split(model, optim.trainable_filter(config.trainable), ...)
         if not jax.tree.leaves(self.trainable):
             raise ValueError("nothing to train: the trainable filter selected no parameters")
@@ -138,7 +149,8 @@ class Trainer:
         return self._step.lower(self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss)
 
     def step(self, batch: dict, rng=None, *, step: int = 0) -> dict[str, float]:
-        """One update on this process's rows `batch` of the global batch.
+        """`objective.updates_per_batch` updates on this process's rows `batch` of the global batch; returns the
+        objective's host metrics and the updates' mean metrics.
 
         rng: this step's key (LoRA input dropout; None: no dropout), the same on every process; step: the step being
         taken (seeds per-sample augmentation). The train loop derives both from the run, so a resumed run draws the
@@ -149,14 +161,21 @@ class Trainer:
             raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
         # Shapes first (processes pad their rows to their own buckets), then the plan from them; the plan is for
         # one micro-batch of the global batch.
-        arrays = parallel.agree_shapes(self.objective.host_arrays(batch, step))
+        arrays, host_metrics = self.objective.host_arrays(batch, step, self.model)
+        arrays = parallel.agree_shapes(arrays)
         plan, loss = self.objective.prepare(arrays, b * jax.process_count() // self.config.accumulate)
-        key_data = None if rng is None else np.asarray(jax.random.key_data(rng))
         if self.mesh is not None:
             arrays = parallel.global_batch(arrays, self.mesh)
-            if key_data is not None:
-                key_data = parallel.replicated(key_data, self.mesh)
-        self.trainable, self.opt_state, metrics = self._step(
-            self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss
-        )
-        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        updates = []
+        for i in range(self.objective.updates_per_batch):
+            key_data = None
+            if rng is not None:
+                key_data = np.asarray(jax.random.key_data(rng if i == 0 else jax.random.fold_in(rng, i)))
+                if self.mesh is not None:
+                    key_data = parallel.replicated(key_data, self.mesh)
+            self.trainable, self.opt_state, metrics = self._step(
+                self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss
+            )
+            updates.append(jax.device_get(metrics))
+        mean = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+        return host_metrics | mean

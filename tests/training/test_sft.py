@@ -26,7 +26,7 @@ def _trainer(config, checkpoint, accumulate):
     config = config.copy_and_resolve_references()
     config.train.accumulate = accumulate
     model, tokenizer = experiment.build_model(config, checkpoint)
-    return experiment.build_trainer(config, model, tokenizer)
+    return experiment.build_trainer(config, model, tokenizer, checkpoint)
 
 
 def test_visual_embeddings_land_on_their_placeholders(setup):
@@ -91,7 +91,7 @@ def test_lora_dropout_key_is_the_only_randomness_of_a_step(setup):
     def third_loss(key):
         # Step 0 of the warmup has learning rate 0, so the keys of steps 0 and 1 shape step 2.
         model, tokenizer = experiment.build_model(config, checkpoint)
-        trainer = experiment.build_trainer(config, model, tokenizer)
+        trainer = experiment.build_trainer(config, model, tokenizer, checkpoint)
         trainer.step(batch, rng=key)
         trainer.step(batch, rng=jax.random.fold_in(key, 1))
         return trainer.step(batch, rng=jax.random.key(2))["loss"]
@@ -129,16 +129,16 @@ def test_objectives_are_registered_by_method_name(setup):
     config, checkpoint, _ = setup
     model, _ = experiment.build_model(config, checkpoint)
     for method in ("meco", "timescope"):
-        assert isinstance(trainer_lib.make_objective(method, config, model.llm.config, (56, 56)), SFT)
+        assert isinstance(trainer_lib.make_objective(method, config, model.llm.config, checkpoint), SFT)
     with pytest.raises(ValueError, match="config.method='grpo_typo' has no registered objective"):
-        trainer_lib.make_objective("grpo_typo", config, model.llm.config, (56, 56))
+        trainer_lib.make_objective("grpo_typo", config, model.llm.config, checkpoint)
 
     @trainer_lib.register_objective("my_method")
-    def mine(config, model_config, frame_size):
+    def mine(config, model_config, checkpoint, samples):
         return "an objective"
 
     try:
-        assert trainer_lib.make_objective("my_method", config, model.llm.config, (56, 56)) == "an objective"
+        assert trainer_lib.make_objective("my_method", config, model.llm.config, checkpoint) == "an objective"
         with pytest.raises(ValueError, match="already has an objective"):
             trainer_lib.register_objective("my_method")(mine)
     finally:

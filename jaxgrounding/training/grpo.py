@@ -1,0 +1,413 @@
+"""Invert4TVG's reinforcement fine-tuning: GRPO on temporal grounding plus inversion tasks.
+
+One training step (Invert4TVG, Chen et al. 2025, sec. 3; GRPO as TRL's GRPOTrainer and Tunix's
+GRPO learner define it):
+
+1. the step's task: grounding with probability `grounding_prob`, otherwise one of verb
+   completion / action recognition / video description, uniformly (`inversion.sample_task`, a
+   function of the seed and the step, so a resumed run draws the same);
+2. rollouts: every prompt is prefilled once and G = `num_samples` completions are drawn from it at
+   `temperature` (`sampling.generate`: the G samples share the prompt's KV), with their float32
+   log-probabilities;
+3. rewards on the host (`tasks.rewards`: IoU + format for grounding, the inversion reward + format
+   for the inversion tasks) and group-normalised advantages (`objectives.grpo.group_advantages`);
+4. `num_iterations` optimizer updates on that rollout batch (`Objective.updates_per_batch`), each
+   the clipped surrogate + beta * KL of `objectives.grpo.grpo_loss`. With one iteration the old
+   policy is the current one (ratio exactly 1, as TRL does); with more, the old log-probs are scored
+   once before the first update. The reference policy is the same weights with the LoRA adapters
+   switched off (`lora.adapters_disabled`), or a frozen copy of the starting weights when every
+   weight trains.
+
+The training forward shares each prompt too (`completion_logprobs`): the prompt (video included)
+runs once per prompt, its keys and values become a memory its G completions attend to, and the
+log-probabilities come from the chunked `objectives.lm.token_logprobs`, as in the LM loss.
+Everything a step draws derives from (seed, step), so a run killed and resumed from a checkpoint
+repeats the same rollouts, rewards and losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgrounding import sampling, settings
+from jaxgrounding.data import padding
+from jaxgrounding.data import video as video_lib
+from jaxgrounding.data.sample import Sample
+from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_plan, device_batch
+from jaxgrounding.model.config import ModelConfig
+from jaxgrounding.model.decoder import Memory
+from jaxgrounding.model.lora import adapters_disabled
+from jaxgrounding.objectives import grpo as grpo_lib
+from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
+from jaxgrounding.tasks import inversion, rewards, timestamps
+from jaxgrounding.tasks.encoding import ChatEncoder, clip
+from jaxgrounding.training.trainer import register_objective
+
+# Keys of the prompt arrays (one row per prompt) and of the completion arrays (one row per sample).
+PROMPT_KEYS = ("input_ids", "input_ids_mask", "positions", "pixel_values", "grid_times", "valid")
+COMPLETION_KEYS = ("completion_ids", "completion_mask", "advantages", "old_logps", "ref_logps")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    num_samples: int  # G completions per prompt
+    temperature: float  # of the rollouts (and of the log-probs the loss uses)
+    top_p: float
+    max_new_tokens: int
+    num_iterations: int  # optimizer updates per rollout batch
+    beta: float  # KL weight (0: no reference policy is run)
+    epsilon_low: float
+    epsilon_high: float
+    kl: str  # "k3" | "k1" | "k2"
+    loss_type: str  # "grpo" | "bnpo" | "dr_grpo" | "dapo"
+    importance_sampling: str  # "token" | "sequence"
+    scale_rewards: str  # "group" | "batch" | "none"
+    advantage_estimator: str  # "grpo" | "rloo"
+    grounding_prob: float  # probability that a step is a grounding step (else an inversion task)
+    inversion_tasks: tuple[str, ...]
+    iou: str  # "plain" | "distance_weighted"
+    thinking: bool  # the grounding prompt asks for <think> reasoning first
+    seed: int
+
+
+def completion_logprobs(model: GroundingModel, arrays: dict, plan, num_samples: int, temperature: float):
+    """log p(completion token n | prompt, tokens < n) for rows p * G + g: [B * G, N] float32.
+
+    The prompt runs once per prompt; its rotated keys and values are repeated G times as the memory
+    the completions attend to (`Decoder.attend`), so the video is never encoded G times. The first
+    completion token is predicted by the prompt's last real token, the others by the completion's own
+    states.
+    """
+    llm = model.llm
+    config = llm.config
+    inputs = batch_inputs({k: arrays[k] for k in PROMPT_KEYS}, config, plan)
+    b, t = inputs.input_ids.shape
+    mask = inputs.attention_mask
+    embeds = llm.embed_inputs(inputs)
+    final, _, (keys, values, _) = llm.decoder.attend(embeds, inputs.positions, mask, Memory.empty(config, b))
+    last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)
+    first_state = jnp.repeat(final[jnp.arange(b), last], num_samples, axis=0)  # [R, E]
+    memory = Memory(
+        keys=jnp.repeat(keys, num_samples, axis=1),
+        values=jnp.repeat(values, num_samples, axis=1),
+        valid=jnp.repeat(mask, num_samples, axis=0),
+    )
+    ids = arrays["completion_ids"]
+    r, n = ids.shape
+    fed = ids[:, :-1]
+    start = jnp.repeat(inputs.next_position, num_samples)  # [R]: the position of completion token 0
+    positions = jnp.broadcast_to((start[:, None] + jnp.arange(n - 1))[None], (3, r, n - 1))
+    states, _, _ = llm.decoder.attend(llm.decoder.embed(fed), positions, arrays["completion_mask"][:, :-1], memory)
+    hidden = jnp.concatenate([first_state[:, None].astype(states.dtype), states], axis=1)
+    return token_logprobs(hidden, lm_head_matrix(llm), ids, temperature=temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss:
+    """`grpo_loss` over `completion_logprobs` as the trainer's static loss (hashable fields only)."""
+
+    num_samples: int
+    temperature: float
+    beta: float
+    epsilon_low: float
+    epsilon_high: float
+    kl: str
+    loss_type: str
+    importance_sampling: str
+    stored_old: bool  # num_iterations > 1: the old log-probs were scored before the first update
+    max_completion_length: int
+    accumulate: int  # micro-batches per update: the trainer averages their losses
+
+    def __call__(self, model: GroundingModel, arrays: dict, plan, key):
+        del key  # no dropout in RL updates (the rollouts had none either)
+        logps = completion_logprobs(model, arrays, plan, self.num_samples, self.temperature)
+        mask = arrays["completion_mask"].astype(jnp.float32)
+        old = arrays["old_logps"] if self.stored_old else jax.lax.stop_gradient(logps)
+        loss, metrics = grpo_lib.grpo_loss(
+            logps,
+            old,
+            arrays["ref_logps"] if self.beta else jax.lax.stop_gradient(logps),
+            arrays["advantages"],
+            mask,
+            beta=self.beta,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            kl=self.kl,
+            loss_type=self.loss_type,
+            importance_sampling=self.importance_sampling,
+            # "dapo": the whole batch's token sum over its token count, as a mean of micro-batch losses.
+            num_items_in_batch=arrays["num_items"][0] / self.accumulate,
+            max_completion_length=self.max_completion_length,
+        )
+        # Entropy proxy every RL trainer logs: the mean negative log-prob of the sampled tokens.
+        metrics = dict(metrics) | {"loss": loss, "neg_logp": -jnp.sum(logps * mask) / jnp.maximum(jnp.sum(mask), 1)}
+        return loss, metrics
+
+
+@dataclasses.dataclass
+class RolloutTransform:
+    """The pipeline transform of GRPO training: decoded frames and the sample's index; prompts are
+    built on the host once the step's task is known (it is drawn per step, not per sample)."""
+
+    index_of: dict  # sample id -> index into the training samples
+
+    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+        return {
+            "frames": np.asarray(video.frames),
+            "timestamps": np.asarray(video.timestamps, np.float32),
+            "fps": np.float32(video.fps or 0.0),
+            "duration": np.float32(video.duration),
+            "sample_index": np.int32(self.index_of[sample.id]),
+            "id": np.asarray(sample.id),
+        }
+
+
+def _score_fn(graphdef, state, arrays, plan, *, num_samples, temperature, base):
+    model = nnx.merge(graphdef, state)
+    with adapters_disabled(model) if base else contextlib.nullcontext():
+        return completion_logprobs(model, arrays, plan, num_samples, temperature)
+
+
+_score = jax.jit(_score_fn, static_argnames=("graphdef", "num_samples", "temperature", "base"))
+
+
+class GRPO:
+    """The GRPO objective for `training.trainer.Trainer` (see the module docstring)."""
+
+    def __init__(self, config: GRPOConfig, model_config: ModelConfig, encoder: ChatEncoder, samples, end_ids, buckets):
+        self.config = config
+        self.model_config = model_config
+        self.encoder = encoder
+        self.samples = samples
+        self.end_ids = tuple(int(i) for i in end_ids)
+        self.buckets = buckets  # of the prompt arrays: text length and temporal grids, so shapes repeat
+        self.updates_per_batch = config.num_iterations
+        self.reference = None  # full fine-tuning: the starting weights, copied (see `start`)
+        self._uses_lora = False
+
+    # --- Objective protocol --------------------------------------------------------------------------------------
+
+    def start(self, model: GroundingModel) -> None:
+        """Before the first step: the reference policy. With LoRA it is the base weights (adapters off);
+        otherwise a copy of the starting weights (the trainer donates, and so overwrites, its own)."""
+        self._uses_lora = any(
+            getattr(m, "lora_a", None) is not None for _, m in nnx.iter_graph(model)
+        )
+        if self.config.beta and not self._uses_lora:
+            self.reference = jax.tree.map(jnp.copy, nnx.state(model))
+
+    def host_arrays(self, batch: dict, step: int, policy) -> tuple[dict, dict]:
+        config = self.config
+        model = policy()
+        task = inversion.sample_task(config.seed, step, grounding_prob=config.grounding_prob, tasks=config.inversion_tasks)
+        rows = np.flatnonzero(batch["valid"])
+        samples = [self.samples[int(batch["sample_index"][i])] for i in rows]
+        videos = [
+            video_lib.Video(
+                frames=batch["frames"][i][batch["frames_mask"][i]],
+                timestamps=batch["timestamps"][i][batch["timestamps_mask"][i]].astype(np.float64),
+                duration=float(batch["duration"][i]),
+                fps=float(batch["fps"][i]) or None,
+                backend="pipeline",
+            )
+            for i in rows
+        ]
+        # A sample the step's inversion task cannot score (no verb to recover) is asked to ground instead.
+        tasks = [task if task == "grounding" or inversion.applicable(task, s) else "grounding" for s in samples]
+        prompts = [self._task_prompt(t, s, v) for t, s, v in zip(tasks, samples, videos)]
+        arrays = padding.pad_and_stack(
+            [self.encoder.prompt(text, video) for text, video in prompts], len(batch["valid"]), self.buckets
+        )
+        arrays["valid"][len(rows) :] = False
+        arrays = device_batch(arrays)
+        plan = batch_plan(arrays, self.model_config, self.encoder.config.frame_size)
+
+        tick = time.perf_counter()
+        gen = sampling.generate(
+            model.llm,
+            batch_inputs(arrays, self.model_config, plan),
+            sampling.SamplingConfig(
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+            ),
+            end_ids=self.end_ids,
+            rng=jax.random.fold_in(jax.random.key(config.seed), step),
+            num_samples=config.num_samples,
+        )
+        tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+        rollout_seconds = time.perf_counter() - tick
+
+        g = config.num_samples
+        texts = [self._text(tokens[r], lengths[r]) for r in range(tokens.shape[0])]
+        scores = self._rewards(tasks, samples, texts, len(batch["valid"]))
+        totals = np.nan_to_num(sum(s for s in scores.values()), nan=0.0)
+        valid_rows = np.repeat(arrays["valid"], g)
+        advantages, zero_std = grpo_lib.group_advantages(
+            jnp.asarray(totals, jnp.float32),
+            g,
+            scale=config.scale_rewards,
+            estimator=config.advantage_estimator,
+        )
+        advantages = np.where(valid_rows, np.asarray(advantages), 0.0).astype(np.float32)
+        mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]) & valid_rows[:, None]
+        arrays |= {
+            "completion_ids": tokens.astype(np.int32),
+            "completion_mask": mask,
+            "advantages": advantages,
+            # The token count of the whole rollout batch ("dapo" normalises by it across micro-batches).
+            "num_items": np.full((tokens.shape[0],), mask.sum(), np.float32),
+        }
+        zeros = np.zeros(tokens.shape, np.float32)
+        graphdef, state = nnx.split(model)
+        score = functools.partial(_score, num_samples=g, temperature=config.temperature)
+        arrays["old_logps"] = (
+            np.asarray(score(graphdef, state, arrays, plan, base=False)) if config.num_iterations > 1 else zeros
+        )
+        if config.beta and self._uses_lora:
+            arrays["ref_logps"] = np.asarray(score(graphdef, state, arrays, plan, base=True))
+        elif config.beta:
+            arrays["ref_logps"] = np.asarray(score(graphdef, self.reference, arrays, plan, base=False))
+        else:
+            arrays["ref_logps"] = zeros
+
+        real = valid_rows
+        metrics = {
+            f"task_{task}": float(np.mean([t == task for t in tasks])),
+            "reward": float(totals[real].mean()),
+            "reward_std": float(totals[real].std()),
+            "frac_reward_zero_std": float(np.asarray(zero_std)[arrays["valid"]].mean()),
+            "completion_length": float(lengths[real].mean()),
+            "completion_length_max": float(lengths[real].max()),
+            "truncated_fraction": float((~np.isin(tokens[real, -1], self.end_ids) & (lengths[real] == tokens.shape[1])).mean()),
+            "rollout_tokens_per_s": float(lengths[real].sum() / max(rollout_seconds, 1e-9)),
+            "rollout_seconds": rollout_seconds,
+        }
+        for name, values in scores.items():
+            applicable = values[real][~np.isnan(values[real])]
+            if applicable.size:
+                metrics[f"reward_{name}"] = float(applicable.mean())
+                metrics[f"reward_{name}_std"] = float(applicable.std())
+        self.last_rollout = {"tasks": tasks, "ids": [s.id for s in samples], "texts": texts}
+        return arrays, metrics
+
+    def prepare(self, arrays: dict, micro_batch: int):
+        config = self.config
+        plan = batch_plan(arrays, self.model_config, self.encoder.config.frame_size, batch_size=micro_batch)
+        loss = GRPOLoss(
+            num_samples=config.num_samples,
+            temperature=config.temperature,
+            beta=config.beta,
+            epsilon_low=config.epsilon_low,
+            epsilon_high=config.epsilon_high,
+            kl=config.kl,
+            loss_type=config.loss_type,
+            importance_sampling=config.importance_sampling,
+            stored_old=config.num_iterations > 1,
+            max_completion_length=config.max_new_tokens,
+            accumulate=len(arrays["valid"]) * jax.process_count() // micro_batch,
+        )
+        return plan, loss
+
+    # --- Host side -----------------------------------------------------------------------------------------------
+
+    def _task_prompt(self, task: str, sample: Sample, video: video_lib.Video):
+        if task == "grounding":
+            return timestamps.grounding_prompt(sample.query, thinking=self.config.thinking), video
+        return inversion.prompt(task, sample), clip(video, inversion.clip_window(sample))
+
+    def _text(self, tokens: np.ndarray, length: int) -> str:
+        ids = [int(t) for t in tokens[:length] if int(t) not in self.end_ids]
+        return self.encoder.tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _rewards(self, tasks, samples, texts, batch_size: int) -> dict[str, np.ndarray]:
+        """{reward name: [B * G] float, NaN where it does not apply (padding rows, other tasks)}."""
+        g = self.config.num_samples
+        out: dict[str, np.ndarray] = {}
+        for p, (task, sample) in enumerate(zip(tasks, samples)):
+            for k in range(g):
+                r = p * g + k
+                for name, value in rewards.task_rewards(
+                    texts[r],
+                    sample,
+                    task,
+                    thinking=self.config.thinking,
+                    distance_weighted=self.config.iou == "distance_weighted",
+                ).items():
+                    out.setdefault(name, np.full((batch_size * g,), np.nan))[r] = value
+        return out
+
+
+def grpo_config(config) -> GRPOConfig:
+    g = config.grpo
+    return GRPOConfig(
+        num_samples=g.num_samples,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        max_new_tokens=g.max_new_tokens,
+        num_iterations=g.num_iterations,
+        beta=g.beta,
+        epsilon_low=g.epsilon_low,
+        epsilon_high=g.epsilon_high,
+        kl=g.kl,
+        loss_type=g.loss_type,
+        importance_sampling=g.importance_sampling,
+        scale_rewards=g.scale_rewards,
+        advantage_estimator=g.advantage_estimator,
+        grounding_prob=g.grounding_prob,
+        inversion_tasks=tuple(g.inversion_tasks),
+        iou=g.iou,
+        thinking=config.answer.thinking,
+        seed=config.seed,
+    )
+
+
+@register_objective("invert4tvg")
+def grpo_objective(config, model_config: ModelConfig, checkpoint: str, samples) -> GRPO:
+    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=True))
+    tokenizer = encoder.tokenizer
+    end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if tokenizer.tokenizer.eos_token_id is not None:
+        end_ids.append(tokenizer.tokenizer.eos_token_id)
+    buckets = settings.prompt_buckets(config)
+    return GRPO(grpo_config(config), model_config, encoder, samples, sorted(set(end_ids)), buckets)
+
+
+@dataclasses.dataclass
+class WarmStartTransform:
+    """Supervised examples in the answer format (the warm start of a model that does not know it): a grounding
+    prompt answered with the true window (`timestamps.format_answer`), or, for `inversion_fraction` of the
+    samples (chosen per sample id, so every epoch agrees), one of the inversion tasks answered with the
+    sample's own verb or caption."""
+
+    encoder: ChatEncoder
+    thinking: bool
+    inversion_fraction: float
+    inversion_tasks: tuple[str, ...]
+    seed: int
+
+    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, zlib.crc32(sample.id.encode())])
+        task = "grounding"
+        if rng.random() < self.inversion_fraction:
+            task = self.inversion_tasks[rng.integers(len(self.inversion_tasks))]
+            if not inversion.applicable(task, sample):  # no reachable answer: teach grounding instead
+                task = "grounding"
+        if task == "grounding":
+            window = sample.windows[0]
+            prompt = timestamps.grounding_prompt(sample.query, thinking=self.thinking)
+            # With thinking on, the target reasons in one sentence that names the range (the answer format
+            # the prompt asks for); the RL stage is where the model writes its own reasoning.
+            reasoning = f"The event is seen from {window[0]:.2f} to {window[1]:.2f}." if self.thinking else None
+            response = timestamps.format_answer(window, thinking=reasoning)
+        else:
+            prompt, response = inversion.prompt(task, sample), inversion.target(task, sample)
+            video = clip(video, inversion.clip_window(sample))
+        return self.encoder.example(prompt, video, response, sample.id) | {"id": np.asarray(sample.id)}

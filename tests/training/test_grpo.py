@@ -1,0 +1,143 @@
+"""GRPO training (Invert4TVG): the shared-prompt training forward equals a full forward over prompt + completion,
+the train command's warm start -> GRPO -> evaluation on a micro config, and a killed-then-resumed GRPO run
+repeats the uninterrupted run's rollouts, rewards and losses (with two updates per rollout batch)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import invert4tvg
+from jaxgrounding import data as data_lib
+from jaxgrounding import settings
+from jaxgrounding.data import padding
+from jaxgrounding.grounding_model import batch_inputs, batch_plan
+from jaxgrounding.objectives.lm import next_token_logprobs
+from jaxgrounding.tasks import timestamps
+from jaxgrounding.tasks.encoding import ChatEncoder
+from jaxgrounding.train import train_and_evaluate
+from jaxgrounding.training import experiment, grpo
+
+
+def micro_config(data_root):
+    config = invert4tvg.get_config()
+    config.data.root = str(data_root)
+    config.data.synthetic_train_videos = 8
+    config.data.synthetic_eval_videos = 2
+    config.data.scene = dict(config.data.scene) | {"min_duration": 8.0, "max_duration": 12.0, "max_events": 1}
+    config.data.max_frames = 12
+    config.model.tiny = {"hidden": 64, "layers": 2, "vision_depth": 1, "vision_hidden": 32}
+    config.warm_start.steps = 3
+    config.train.batch_size = 2
+    config.train.steps = 4
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.grpo.num_samples = 2
+    config.grpo.max_new_tokens = 6
+    config.grpo.num_iterations = 2
+    config.grpo.grounding_prob = 0.5  # both kinds of step within four
+    config.sampling.max_new_tokens = 6
+    config.eval.batch_size = 2
+    # One device: a resumed GRPO step sharded over 2 virtual CPU devices deadlocks in XLA:CPU's in-process
+    # all-gather (devices reach collectives in different orders); sharded GRPO is not claimed yet.
+    config.mesh.fsdp = 1
+    return config
+
+
+def test_completion_logprobs_equal_a_full_forward(tmp_path):
+    config = micro_config(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    model, _ = experiment.build_model(config, checkpoint)
+    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
+    prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
+    arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
+    g, n = 3, 5
+    rng = np.random.default_rng(0)
+    completions = rng.integers(10, 200, size=(2 * g, n)).astype(np.int32)
+    lengths = np.array([5, 3, 1, 5, 4, 2])
+    mask = np.arange(n)[None] < lengths[:, None]
+    plan = batch_plan(arrays, model.llm.config, (56, 56))
+    got = np.asarray(
+        grpo.completion_logprobs(
+            model, arrays | {"completion_ids": completions, "completion_mask": mask}, plan, g, temperature=0.7
+        )
+    )
+
+    # The reference: every sample as its own row, prompt + completion in one causal forward.
+    prompt_lengths = arrays["input_ids_mask"].sum(1)
+    width = arrays["input_ids"].shape[1] + n
+    rows = {k: [] for k in ("input_ids", "input_ids_mask", "positions")}
+    for r in range(2 * g):
+        p, k = r // g, prompt_lengths[r // g]
+        ids = np.zeros(width, np.int32)
+        ids[:k], ids[k : k + lengths[r]] = arrays["input_ids"][p, :k], completions[r, : lengths[r]]
+        positions = np.zeros((width, 3), np.int32)
+        positions[:k] = arrays["positions"][p, :k]
+        positions[k : k + n] = positions[k - 1].max() + 1 + np.arange(n)[:, None]
+        rows["input_ids"].append(ids)
+        rows["input_ids_mask"].append(np.arange(width) < k + lengths[r])
+        rows["positions"].append(positions)
+    full = {k: np.stack(v) for k, v in rows.items()}
+    full |= {
+        "pixel_values": np.repeat(arrays["pixel_values"], g, axis=0),
+        "grid_times": np.repeat(arrays["grid_times"], g, axis=0),
+        "valid": np.ones(2 * g, bool),
+    }
+    inputs = batch_inputs(full, model.llm.config, batch_plan(full, model.llm.config, (56, 56)))
+    out = model.llm.forward(inputs, logits=False)
+    logp = np.asarray(next_token_logprobs(model.llm, out.last_hidden_state, jnp.asarray(full["input_ids"]), temperature=0.7))
+    for r in range(2 * g):
+        at = prompt_lengths[r // g] - 1 + np.arange(lengths[r])
+        np.testing.assert_allclose(got[r, : lengths[r]], logp[r, at], atol=2e-5, err_msg=f"row {r}")
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    workdir = str(root / "run")
+    result = train_and_evaluate(micro_config(root / "data"), workdir)
+    return root, workdir, result
+
+
+def test_warm_start_then_grpo_then_evaluation(uninterrupted):
+    _, workdir, result = uninterrupted
+    init = json.load(open(os.path.join(workdir, "eval_init", "metrics.json")))
+    for metrics in (init, result):
+        assert {"R1@0.5", "R1@0.5_gt", "mIoU", "parse_failures", "verb_completion_accuracy"} <= set(metrics)
+        assert metrics["decoding"] == "greedy" and metrics["max_new_tokens"] == 6
+    logged = _jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    for m in logged:
+        assert {"reward", "reward_std", "frac_reward_zero_std", "kl", "completion_length", "rollout_tokens_per_s"} <= set(m)
+        assert np.isfinite(m["loss"])
+    rows = _jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
+    assert rows and all("text" in r and "pred_windows" in r for r in rows)
+
+
+def test_killed_grpo_run_resumes_exactly(uninterrupted):
+    root, workdir, _ = uninterrupted
+    resumed = str(root / "resumed")
+    # The same warm start (its export is where GRPO starts): copied, so only GRPO runs again.
+    os.makedirs(resumed)
+    for name in ("warm_start", "eval_init"):
+        shutil.copytree(os.path.join(workdir, name), os.path.join(resumed, name))
+    config = micro_config(root / "data")
+    train_and_evaluate(config, resumed, stop_after=3)  # killed after step 3; the last save was step 2
+    train_and_evaluate(config, resumed)
+    want = {m["step"]: m for m in _jsonl(os.path.join(workdir, "train_metrics.jsonl"))}
+    got = {m["step"]: m for m in _jsonl(os.path.join(resumed, "train_metrics.jsonl"))}  # step 3 logged twice
+    for step in (3, 4):
+        for key in ("loss", "reward", "kl", "completion_length"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
