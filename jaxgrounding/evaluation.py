@@ -94,11 +94,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
         result |= {f"coarse_{k}": v for k, v in coarse.items()}
     result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
     if primary:
-        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        _write_results(out_dir, rows, result)
     return result
 
 
@@ -166,11 +162,7 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
         "max_new_tokens": sampling_config.max_new_tokens,
     }
     if index == 0:
-        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        _write_results(out_dir, rows, result)
     return result
 
 
@@ -188,6 +180,15 @@ class _AnswerPrompt:
         else:
             text, video = inversion.prompt(self.task, sample), clip(video, sample.windows[0])
         return self.encoder.prompt(text, video) | {"id": np.asarray(sample.id)}
+
+
+def _write_results(out_dir: str, rows: list, result: dict) -> None:
+    """The evaluation files: one prediction row per sample (predictions.jsonl) and the metrics (metrics.json)."""
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
 
 
 def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[list, list]:
