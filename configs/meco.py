@@ -98,6 +98,9 @@ def get_config(arg=None):
     config.data.max_frames = 64
     config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)
     config.data.workers = 0  # grain decode processes (0 = in the training process)
+    # Samples that fail to decode or encode are skipped and counted; more than this fraction of the
+    # samples read failing stops training with the reasons.
+    config.data.max_failure_fraction = 0.05
     config.data.synthetic_train_videos = 500
     config.data.synthetic_eval_videos = 100
     # jaxgrounding.data.synthetic_scenes.SceneConfig of the synthetic set; every field is listed, so

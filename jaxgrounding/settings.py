@@ -56,6 +56,8 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
         num_epochs=None if train else 1,
         shuffle=train,
         worker_count=config.data.workers,
+        # Evaluation reports its skips instead of stopping on their fraction.
+        max_failure_fraction=config.data.max_failure_fraction if train else 1.0,
         buckets=buckets,
         video={"fps": config.data.fps, "max_frames": config.data.max_frames, "size": tuple(config.data.frame_size)},
     )

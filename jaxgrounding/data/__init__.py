@@ -6,7 +6,7 @@ ensure_synthetic_dataset(root, config) -> {split: [Sample]}   (synthetic.py)
 make_pipeline(source, config, transform) -> grain.IterDataset (pipeline.py)
 """
 
-from jaxgrounding.data.pipeline import PipelineConfig, PipelineIterator, Transform, default_transform, make_pipeline
+from jaxgrounding.data.pipeline import DataFailureError, PipelineConfig, PipelineIterator, Transform, default_transform, make_pipeline
 from jaxgrounding.data.sample import AnnotationError, LoadReport, Sample, Validation
 from jaxgrounding.data.sources import FORMATS, Annotations, load_annotations
 from jaxgrounding.data.synthetic import SyntheticConfig, ensure_synthetic_dataset, long_video_config
@@ -14,6 +14,7 @@ from jaxgrounding.data.video import Video, VideoDecodeError, read_video
 
 __all__ = [
     "AnnotationError",
+    "DataFailureError",
     "Annotations",
     "FORMATS",
     "LoadReport",

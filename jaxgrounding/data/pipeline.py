@@ -15,10 +15,17 @@ of each global batch, so the global batch a step trains on (and its row order, w
 micro-batching splits) does not depend on how many processes read it, and a run resumed on a
 different number of processes continues the same stream (``reshard_state``).
 
-Broken videos: decoding raises ``VideoDecodeError``; with ``skip_bad_videos`` the
-example is dropped inside the worker, its path travels to the main process with the
-next batch (``_skipped``), and the iterator logs count and paths once an epoch is over
-(``iterator.epoch_reports``). Without it, the first bad video stops the run.
+Bad samples: a video that does not decode (``VideoDecodeError``) or a sample the transform
+cannot turn into arrays (a query longer than the encoder's ``max_tokens``, a target that
+cannot be placed: any exception of the transform) is, with ``skip_bad_samples``, dropped
+inside the worker; its id, path and reason travel to the main process with the next batch
+(``_skipped``), and the iterator logs them, counted by reason, once an epoch is over
+(``iterator.epoch_reports``). Without it, the first bad sample stops the run. A resumed run
+replays the same order, so a sample that fails once fails again: skipping is what lets it
+go on. Skipping is bounded: more than ``max_failure_fraction`` of the samples read failing
+(once ``_MIN_READ`` were read), ``_MIN_READ`` failures in a row (storage gone: every read
+fails in microseconds and a loop that only skips would spin forever), or a finite pass with
+no good sample stop with ``DataFailureError`` listing the reasons.
 
 Resumption: the returned iterator is a ``grain.DatasetIterator``; ``get_state`` /
 ``set_state`` (JSON-able) and ``grain.checkpoint.CheckpointHandler`` (Orbax) restore it
@@ -27,6 +34,7 @@ worker batches its own slice, so batch composition depends on ``worker_count``: 
 with the same count.
 """
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -73,7 +81,10 @@ class PipelineConfig:
     worker_buffer_size: batches each worker keeps ready.
     read_threads, read_buffer: threads and look-ahead (examples) inside each worker;
       the buffer holds decoded videos, so keep it small.
-    skip_bad_videos: drop and report undecodable videos (True) or raise (False).
+    skip_bad_samples: drop and report samples that fail to decode or transform (True) or
+      raise (False).
+    max_failure_fraction: stop (``DataFailureError``) once more than this fraction of the
+      samples read failed; 1.0 never stops on the fraction.
     drop_remainder: drop the last short batch instead of padding it.
     buckets: allowed sizes of axis 0 per transform output key.
     video: keyword arguments for ``read_video`` (fps, max_frames, size, ...).
@@ -88,7 +99,8 @@ class PipelineConfig:
     worker_buffer_size: int = 2
     read_threads: int = 2
     read_buffer: int = 8
-    skip_bad_videos: bool = True
+    skip_bad_samples: bool = True
+    max_failure_fraction: float = 0.05
     drop_remainder: bool = False
     buckets: Mapping[str, Sequence[int]] = dataclasses.field(
         default_factory=lambda: {"frames": (16, 32, 64), "timestamps": (16, 32, 64), "windows": (1, 4, 16)}
@@ -101,6 +113,21 @@ class PipelineConfig:
 # Keys that carry bookkeeping, not model inputs.
 _EPOCH, _SKIPPED, _BAD = "_epoch", "_skipped", "_bad"
 
+# The failure fraction is judged once this many samples were read (a first batch with one bad
+# sample in four is no verdict on the dataset), and this many failures in a row stop the run
+# whatever the fraction (a long run whose storage went away).
+_MIN_READ = 100
+
+
+class DataFailureError(RuntimeError):
+    """Too many samples failed to decode or transform; the message lists the reasons."""
+
+
+def _bad(epoch: int, sample: Sample, stage: str, reason: str) -> dict[str, Any]:
+    # Tabs separate the fields on their way to the main process; a reason may hold any text.
+    reason = " ".join(reason.split())
+    return {_EPOCH: epoch, _BAD: f"{sample.id}\t{sample.video}\t{stage}\t{reason}"}
+
 
 def _decode_and_transform(
     index_and_item: tuple[int, Any],
@@ -108,7 +135,7 @@ def _decode_and_transform(
     epoch_length: int,
     video_options: Mapping[str, Any],
     transform: Transform,
-    skip_bad_videos: bool,
+    skip_bad_samples: bool,
 ) -> dict[str, Any]:
     index, item = index_and_item
     epoch = index // epoch_length
@@ -120,10 +147,17 @@ def _decode_and_transform(
         try:
             video = video_lib.read_video(sample.video, **video_options)
         except video_lib.VideoDecodeError as e:
-            if not skip_bad_videos:
+            if not skip_bad_samples:
                 raise
-            return {_EPOCH: epoch, _BAD: f"{sample.video}\t{e.reason}"}
-    return {_EPOCH: epoch, **transform(sample, video)}
+            return _bad(epoch, sample, "decode", e.reason)
+    try:
+        return {_EPOCH: epoch, **transform(sample, video)}
+    except Exception as e:  # pylint: disable=broad-except
+        # Any per-sample error (tokenizing, encoding, building targets); a systematic one (a bug)
+        # fails every sample and trips the failure cap, which names it.
+        if not skip_bad_samples:
+            raise
+        return _bad(epoch, sample, "transform", f"{type(e).__name__}: {e}")
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -141,6 +175,7 @@ class _BatchIterator(grain.DatasetIterator):
 
     def __next__(self):
         examples, skipped, epochs = [], [], []
+        in_a_row = 0
         while len(examples) < self._batch_size:
             try:
                 element = next(self._parent)
@@ -149,9 +184,17 @@ class _BatchIterator(grain.DatasetIterator):
             epoch = element.pop(_EPOCH)
             if _BAD in element:
                 skipped.append(f"{epoch}\t{element[_BAD]}")
+                in_a_row += 1
+                if in_a_row >= _MIN_READ:
+                    # Filling a batch from a source that only fails would never end.
+                    raise _failure_error(
+                        f"the last {in_a_row} samples read all failed (is the data storage reachable?)",
+                        [_parse_skipped(entry) for entry in skipped],
+                    )
             else:
                 examples.append(element)
                 epochs.append(epoch)
+                in_a_row = 0
         short = len(examples) < self._batch_size
         if not examples or (short and self._drop_remainder):
             if not skipped:
@@ -181,29 +224,59 @@ class _BatchDataset(grain.IterDataset):
 
 
 class PipelineIterator(grain.DatasetIterator):
-    """Yields batches; keeps and reports the skipped videos.
+    """Yields batches; keeps and reports the skipped samples; stops a run that only fails.
 
-    epoch_reports: one ``{"epoch", "count", "paths"}`` per finished epoch (logged).
-    skipped: every ``(epoch, path, reason)`` skipped so far.
+    epoch_reports: one ``{"epoch", "count", "ids", "paths", "reasons"}`` per finished epoch
+      (logged); ``reasons`` counts the skips per ``"stage: reason"`` (stage: decode or transform).
+    skipped: every ``(epoch, id, path, stage, reason)`` skipped so far.
+    read, failed: samples read and samples that failed so far (their ratio is capped).
     """
 
-    def __init__(self, parent):
+    def __init__(self, parent, max_failure_fraction: float):
         super().__init__(parent)
-        self.skipped: list[tuple[int, str, str]] = []
+        self.skipped: list[tuple[int, str, str, str, str]] = []
         self.epoch_reports: list[dict[str, Any]] = []
+        self.read = self.failed = 0
+        self._in_a_row = 0  # Failures since the last good sample.
+        self._max_failure_fraction = max_failure_fraction
         self._next_report = 0  # First epoch not yet reported.
 
     def _report_until(self, epoch: int | None) -> None:
         """Reports every epoch before ``epoch`` (all of them when None)."""
-        last = max([e for e, _, _ in self.skipped] + [self._next_report - 1])
+        last = max([s[0] for s in self.skipped] + [self._next_report - 1])
         stop = last + 1 if epoch is None else epoch
         for e in range(self._next_report, stop):
-            paths = [p for pe, p, _ in self.skipped if pe == e]
-            report = {"epoch": e, "count": len(paths), "paths": paths}
+            entries = [s for s in self.skipped if s[0] == e]
+            report = {
+                "epoch": e,
+                "count": len(entries),
+                "ids": [s[1] for s in entries],
+                "paths": [s[2] for s in entries],
+                "reasons": dict(collections.Counter(_reason_key(s) for s in entries)),
+            }
             self.epoch_reports.append(report)
-            if paths:
-                logging.warning("epoch %d: skipped %d undecodable videos: %s", e, len(paths), paths)
+            if entries:
+                logging.warning(
+                    "epoch %d: skipped %d samples %s: %s", e, len(entries), report["reasons"], report["ids"]
+                )
         self._next_report = max(self._next_report, stop)
+
+    def _check_failures(self, finished: bool) -> None:
+        """Raises ``DataFailureError`` when failures are no longer the exception."""
+        if not self.failed:
+            return
+        if self._in_a_row >= _MIN_READ:
+            why = f"the last {self._in_a_row} samples read all failed (is the data storage reachable?)"
+        elif self.read >= _MIN_READ and self.failed > self._max_failure_fraction * self.read:
+            why = (
+                f"{self.failed} of {self.read} samples read failed, more than data.max_failure_fraction="
+                f"{self._max_failure_fraction}"
+            )
+        elif finished and self.failed == self.read:
+            why = f"none of the {self.read} samples could be read"
+        else:
+            return
+        raise _failure_error(why, self.skipped)
 
     def __next__(self):
         while True:
@@ -211,11 +284,17 @@ class PipelineIterator(grain.DatasetIterator):
                 batch = next(self._parent)
             except StopIteration:
                 self._report_until(None)
+                self._check_failures(finished=True)
                 raise
-            for entry in batch.pop(_SKIPPED).tolist():
-                epoch, path, reason = entry.split("\t", 2)
-                self.skipped.append((int(epoch), path, reason))
+            entries = batch.pop(_SKIPPED).tolist()
+            self.skipped += [_parse_skipped(entry) for entry in entries]
             epoch = int(batch.pop(_EPOCH))
+            good = int(batch["valid"].sum()) if epoch >= 0 else 0
+            self.read += good + len(entries)
+            self.failed += len(entries)
+            # Any good sample in the batch ends a run of failures.
+            self._in_a_row = 0 if good else self._in_a_row + len(entries)
+            self._check_failures(finished=False)
             if epoch >= 0:
                 self._report_until(epoch)
                 return batch
@@ -225,19 +304,44 @@ class PipelineIterator(grain.DatasetIterator):
             "parent": self._parent.get_state(),
             "skipped": [list(s) for s in self.skipped],
             "next_report": self._next_report,
+            "read": self.read,
+            "failed": self.failed,
+            "in_a_row": self._in_a_row,
         }
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self.skipped = [tuple(s) for s in state["skipped"]]
         self._next_report = state["next_report"]
+        self.read, self.failed, self._in_a_row = state["read"], state["failed"], state["in_a_row"]
         self.epoch_reports = []
+
+
+def _parse_skipped(entry: str) -> tuple[int, str, str, str, str]:
+    epoch, sample_id, path, stage, reason = entry.split("\t", 4)
+    return int(epoch), sample_id, path, stage, reason
+
+
+def _failure_error(why: str, skipped: list[tuple[int, str, str, str, str]]) -> DataFailureError:
+    reasons = collections.Counter(_reason_key(s) for s in skipped)
+    latest = [f"{s[1]} ({s[2]}): {s[3]}: {s[4]}" for s in skipped[-5:]]
+    return DataFailureError(f"{why}; failures by reason: {dict(reasons.most_common())}; latest:\n  " + "\n  ".join(latest))
+
+
+def _reason_key(entry: tuple[int, str, str, str, str]) -> str:
+    """What skips are counted by: the stage and the reason's kind (its text up to the first ':',
+    so token counts or paths inside a message do not split the count)."""
+    return f"{entry[3]}: {entry[4].split(':', 1)[0]}"
 
 
 class _ReportDataset(grain.IterDataset):
 
+    def __init__(self, parent, max_failure_fraction: float):
+        super().__init__(parent)
+        self._max_failure_fraction = max_failure_fraction
+
     def __iter__(self):
-        return PipelineIterator(self._parent.__iter__())
+        return PipelineIterator(self._parent.__iter__(), self._max_failure_fraction)
 
 
 class _ProcessRows(grain.MapDataset):
@@ -295,8 +399,17 @@ def reshard_state(states: Sequence[Mapping[str, Any]], count: int) -> list[dict[
         )
     skipped = sorted(entry for s in states for entry in s["skipped"])
     next_report = min(s["next_report"] for s in states)
+    # Failure counts, like the skip records, move to process 0.
+    totals = {key: sum(s[key] for s in states) for key in ("read", "failed")}
+    in_a_row = max(s["in_a_row"] for s in states)
     return [
-        {"parent": {"next_index": consumed // count}, "skipped": skipped if i == 0 else [], "next_report": next_report}
+        {
+            "parent": {"next_index": consumed // count},
+            "skipped": skipped if i == 0 else [],
+            "next_report": next_report,
+            **(totals if i == 0 else {"read": 0, "failed": 0}),
+            "in_a_row": in_a_row if i == 0 else 0,
+        }
         for i in range(count)
     ]
 
@@ -341,7 +454,7 @@ def make_pipeline(
             epoch_length=epoch_length,
             video_options=dict(config.video),
             transform=transform,
-            skip_bad_videos=config.skip_bad_videos,
+            skip_bad_samples=config.skip_bad_samples,
         )
     )
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
@@ -357,4 +470,4 @@ def make_pipeline(
                 per_worker_buffer_size=config.worker_buffer_size,
             )
         )
-    return _ReportDataset(it)
+    return _ReportDataset(it, config.max_failure_fraction)

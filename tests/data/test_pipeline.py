@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from jaxgrounding.data import PipelineConfig, VideoDecodeError, make_pipeline
+from jaxgrounding.data import DataFailureError, PipelineConfig, VideoDecodeError, make_pipeline
 from jaxgrounding.data.pipeline import reshard_state
 
 
@@ -136,7 +136,7 @@ def test_bad_videos_are_skipped_and_reported_per_epoch(samples_with_bad, workers
 
 
 def test_fail_fast_switch(samples_with_bad):
-    config = _config(skip_bad_videos=False, batch_size=len(samples_with_bad))
+    config = _config(skip_bad_samples=False, batch_size=len(samples_with_bad))
     with pytest.raises(VideoDecodeError):
         list(make_pipeline(samples_with_bad, config))
 
@@ -185,3 +185,52 @@ def test_custom_transform_and_length_over_bucket(synthetic_small):
     assert batch["ids"].shape == (3, 128) and batch["ids_mask"].dtype == bool
     with pytest.raises(ValueError, match="largest bucket"):
         list(make_pipeline(splits["train"][:3], _config(num_epochs=1, buckets={"ids": (4,)}), transform))
+
+
+def _failing_on(bad_ids):
+    """The default transform, raising what the encoder raises for a query over max_tokens."""
+    from jaxgrounding.data import default_transform
+
+    def transform(sample, video):
+        if sample.id in bad_ids:
+            raise ValueError(f"sample {sample.id}: 4615 tokens exceed max_tokens=2048 (the query is too long)")
+        return default_transform(sample, video)
+
+    return transform
+
+
+def test_transform_failures_are_skipped_and_counted_by_reason(synthetic_small):
+    _, splits = synthetic_small
+    samples = splits["train"][:10]
+    bad = samples[3].id
+    it = iter(make_pipeline(samples, _config(max_failure_fraction=0.2), _failing_on({bad})))
+    batches = _run(it)
+    assert sum(int(b["valid"].sum()) for b in batches) == 2 * 9  # every other sample, both epochs
+    assert [r["reasons"] for r in it.epoch_reports] == [{"transform: ValueError": 1}] * 2
+    assert [r["ids"] for r in it.epoch_reports] == [[bad], [bad]]
+    assert "4615 tokens exceed max_tokens" in it.skipped[0][4]
+    assert (it.read, it.failed) == (20, 2)
+
+
+def test_failure_fraction_over_the_cap_stops_with_the_reasons(synthetic_small):
+    _, splits = synthetic_small
+    samples = splits["train"][:10]
+    config = _config(num_epochs=None, max_failure_fraction=0.05)
+    it = iter(make_pipeline(samples, config, _failing_on({samples[3].id})))
+    with pytest.raises(DataFailureError, match=r"failed, more than data.max_failure_fraction=0.05.*transform: ValueError"):
+        _run(it, limit=100)
+    assert it.read >= 100  # judged on enough samples, not on the first batch
+
+
+def test_a_source_with_every_video_missing_stops_within_seconds(synthetic_small, tmp_path):
+    import time
+
+    _, splits = synthetic_small
+    missing = [dataclasses.replace(s, video=str(tmp_path / f"gone{i}.mp4")) for i, s in enumerate(splits["train"][:8])]
+    tick = time.perf_counter()
+    with pytest.raises(DataFailureError, match=r"all failed.*decode: file does not exist"):
+        next(iter(make_pipeline(missing, _config(num_epochs=None))))
+    assert time.perf_counter() - tick < 30
+    # A finite pass (evaluation) with nothing readable says so too, instead of yielding nothing.
+    with pytest.raises(DataFailureError, match="none of the 8 samples could be read"):
+        list(make_pipeline(missing, _config(num_epochs=1, max_failure_fraction=1.0)))
