@@ -27,12 +27,22 @@ Guarantees, all from Orbax's ``CheckpointManager``:
   iterator state. ``meta`` is written by the primary process only, so step, rng (must be
   replicated) and ``extra`` must agree across processes.
 
+Verification: Orbax's atomic commit guards against a save cut short, not against what happens
+to the files afterwards (a disk that truncates them, bit rot, an operator's mistake). Each save
+records in ``meta`` two 32-bit sums over the bits of every array (plain and position-weighted:
+any changed word changes both) and a SHA-256 of ``meta`` itself; ``restore`` recomputes them on
+what it read. A newest step that cannot be read or does not match is reported and the previous
+step is tried, down to the oldest; only when none is good does restore fail, listing why for
+each. A bad step is left on disk (a transient read error must not destroy a good checkpoint) and
+replaced when the resumed run saves that step again.
+
 Preemption: ``install_sigterm_handler`` turns SIGTERM into a flag the loop polls
 (``preemption_requested``); the loop then calls ``maybe_save(..., force=True)`` and exits.
 """
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +66,14 @@ _MAX_LISTED = 10
 
 # Items written with Orbax's array handler, in TrainState field order.
 _ARRAY_ITEMS = ("params", "opt_state")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the state it is restored into (a different model or optimizer)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """No kept checkpoint could be read and verified; the message says why for each."""
 
 
 @jax.tree_util.register_dataclass
@@ -120,6 +138,7 @@ class Checkpointer:
                 create=True,
             ),
         )
+        self._bad_steps: set[int] = set()  # Steps restore found unreadable or corrupt.
         self._preemption = False
         self._sigterm_installed = False
         self._previous_sigterm = None
@@ -150,11 +169,22 @@ class Checkpointer:
         if not (force or step % self.save_every == 0):
             return False
         if step in self._manager.all_steps():
-            # A forced save (SIGTERM) right after the scheduled one at the same step: the
-            # checkpoint is already there, and Orbax refuses to write a step twice.
-            return False
-        meta = {"step": int(_host_array(state.step)), "rng": _rng_to_json(state.rng), "extra": _jsonable(extra or {})}
-        items = {name: ocp.args.StandardSave(tree) for name, tree in _array_trees(state).items()}
+            if step not in self._bad_steps:
+                # A forced save (SIGTERM) right after the scheduled one at the same step: the
+                # checkpoint is already there, and Orbax refuses to write a step twice.
+                return False
+            # The step failed verification when the run resumed before it: the new save replaces it.
+            self._manager.delete(step)
+            self._bad_steps.discard(step)
+        trees = _array_trees(state)
+        meta = {
+            "step": int(_host_array(state.step)),
+            "rng": _rng_to_json(state.rng),
+            "extra": _jsonable(extra or {}),
+            "fingerprints": {name: _fingerprints(tree) for name, tree in trees.items()},
+        }
+        meta["sha256"] = _meta_digest(meta)
+        items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         items["meta"] = ocp.args.JsonSave(meta)
         if data_iterator is not None:
             items["data"] = _DataSave(item=data_iterator)
@@ -167,23 +197,54 @@ class Checkpointer:
         data_iterator: grain.DatasetIterator | None = None,
         step: int | None = None,
     ) -> tuple[TrainState, dict]:
-        """Reads a checkpoint (the latest unless ``step``) into ``abstract_state``'s structure.
+        """Reads a checkpoint (the newest good one unless ``step``) into ``abstract_state``'s structure.
 
         abstract_state: a ``TrainState`` whose leaves are ``jax.ShapeDtypeStruct`` (with the
           target shardings; no sharding means the default device) or concrete arrays (their
           shardings are used, their values ignored).
         data_iterator: set in place to the saved position.
         Returns the restored state and the ``extra`` dict given at save time. Raises
-        FileNotFoundError without a checkpoint, ValueError when it does not fit.
+        FileNotFoundError without a checkpoint, ``CheckpointMismatchError`` (a ValueError) when it
+        does not fit, ``CheckpointCorruptError`` when no kept step reads back as it was saved; a
+        given ``step`` that does not is an error, not a fallback.
         """
         # A step saved through this Checkpointer may still be in flight; read it only once committed.
         self._manager.wait_until_finished()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        elif step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; there are {self.all_steps()}")
+        if step is not None:
+            if step not in self._manager.all_steps():
+                raise FileNotFoundError(
+                    f"no checkpoint for step {step} in {self.directory}; there are {self.all_steps()}"
+                )
+            return self._restore_step(step, abstract_state, data_iterator)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures = []
+        for candidate in steps:
+            restored, error = None, None
+            try:
+                restored = self._restore_step(candidate, abstract_state, data_iterator)
+            except CheckpointMismatchError:
+                raise  # The run's state changed, not the files: no older step fits better.
+            except Exception as e:  # pylint: disable=broad-except
+                # Orbax and tensorstore raise many kinds on damaged files (OUT_OF_RANGE, JSON errors, ...).
+                error = e
+            # Every process must resume from the same step, so one that cannot read it rules it out.
+            if _everywhere(error is None):
+                if failures:
+                    _log.warning("resumed from step %d, the newest good checkpoint in %s", candidate, self.directory)
+                return restored
+            reason = "unreadable on another process" if error is None else " ".join(f"{type(error).__name__}: {error}".split())
+            failures.append(f"step {candidate}: {reason[:500]}")
+            self._bad_steps.add(candidate)
+            _log.error(
+                "checkpoint %s/%d is unreadable or corrupt, trying the previous one: %s",
+                self.directory, candidate, reason[:500],
+            )
+        raise CheckpointCorruptError(f"no good checkpoint in {self.directory}:\n  " + "\n  ".join(failures))
+
+    def _restore_step(self, step, abstract_state, data_iterator) -> tuple[TrainState, dict]:
+        """Reads and verifies one step; raises on anything unreadable or not matching its checksums."""
         where = f"checkpoint {self.directory} at step {step}"
         saved = self._manager.item_metadata(step)
         problems = []
@@ -196,7 +257,7 @@ class Checkpointer:
         if data_iterator is not None and "data" not in saved:
             problems.append("data: the checkpoint holds no data iterator state (saved without one)")
         if problems:
-            raise ValueError(f"{where} does not fit the given state:\n  " + "\n  ".join(problems))
+            raise CheckpointMismatchError(f"{where} does not fit the given state:\n  " + "\n  ".join(problems))
 
         items = {name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}
         items["meta"] = ocp.args.JsonRestore()
@@ -204,6 +265,9 @@ class Checkpointer:
             items["data"] = _DataRestore(item=data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
+        if not isinstance(meta, dict) or not {"step", "rng", "extra"} <= set(meta):
+            raise ValueError(f"{where}: meta holds no step, rng and extra")
+        _verify(meta, {name: restored[name] for name in targets}, where)
         state = TrainState(
             # A tree without arrays (sgd's EmptyState) was not saved; the target's is the answer.
             params=restored["params"] if "params" in targets else abstract_state.params,
@@ -303,6 +367,13 @@ def _array_trees(state: TrainState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _ARRAY_ITEMS if jax.tree.leaves(getattr(state, name))}
 
 
+def _everywhere(ok: bool) -> bool:
+    """``ok`` on every process."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def _host_array(x) -> np.ndarray:
     """The value of a (possibly multi-process, replicated) array on this host."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -354,7 +425,7 @@ def _rng_like(saved: dict, target, where: str) -> jax.Array:
         wrap = functools.partial(jax.random.wrap_key_data, **({"impl": saved["impl"]} if saved["impl"] else {}))
         value = jax.eval_shape(wrap, data)
     if value.shape != tuple(target.shape) or value.dtype != target.dtype:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{where} does not fit the given state:\n  rng: checkpoint {value.dtype}{list(value.shape)}, "
             f"target {target.dtype}{list(target.shape)}"
         )
@@ -400,6 +471,57 @@ def _tree_differences(name: str, saved_tree, target_tree) -> list[str]:
     if differ:
         problems.append(f"{name}: shape or dtype differs: {_listing(differ)}")
     return problems
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as a flat uint32 array (one word per element)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _bit_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Per array [2] uint32: the sum of its words, and of its words times odd position weights (both
+    mod 2**32). Any single changed word changes both (odd numbers are invertible mod 2**32); the weighted
+    sum also catches words swapped between positions."""
+    sums = []
+    for x in leaves:
+        w = _words(x)
+        weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        sums.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weights, dtype=jnp.uint32)]))
+    return sums
+
+
+def _fingerprints(tree) -> dict[str, list[int]]:
+    """``{array name on disk: [sum, weighted sum]}`` of a tree's arrays, computed where they live."""
+    flat = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(tree).items()}
+    names = sorted(flat)
+    sums = _bit_sums([flat[n] for n in names])
+    return {n: [int(v) for v in _host_array(s)] for n, s in zip(names, sums)}
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _verify(meta: dict, trees: dict[str, Any], where: str) -> None:
+    """Raises ValueError when ``meta`` or the restored arrays differ from what was saved."""
+    if "sha256" not in meta:
+        # Written before checkpoints carried checksums: nothing to compare against.
+        _log.warning("%s has no checksums (written by an older version); not verified", where)
+        return
+    if _meta_digest(meta) != meta["sha256"]:
+        raise ValueError(f"{where}: meta does not match its SHA-256 (the file was changed)")
+    for name, tree in trees.items():
+        want, got = meta["fingerprints"].get(name, {}), _fingerprints(tree)
+        bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        if bad:
+            raise ValueError(f"{where}: {name}: {len(bad)} arrays differ from their checksums: {_listing(bad)}")
 
 
 def _jsonable(extra: dict) -> dict:

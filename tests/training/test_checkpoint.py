@@ -5,6 +5,7 @@ processes (jax.distributed on 127.0.0.1, gloo) saving and restoring one checkpoi
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
 from jaxgrounding.data import PipelineConfig, Sample, Video, make_pipeline
-from jaxgrounding.training.checkpoint import Checkpointer, TrainState
+from jaxgrounding.training.checkpoint import Checkpointer, CheckpointCorruptError, TrainState
 
 
 class _Tiny(nnx.Module):
@@ -163,6 +164,70 @@ def test_resume_picks_the_latest_or_a_given_step(tmp_path):
     _assert_bit_exact(latest, _small_state(9))
     _assert_bit_exact(earlier, _small_state(6))
     _assert_bit_exact(into_concrete, _small_state(9))
+
+
+def _largest_file(directory):
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+    path = _largest_file(os.path.join(step_dir, "params"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _empty_meta(step_dir):
+    open(os.path.join(step_dir, "meta", "metadata"), "w").close()
+
+
+def _flip_bytes(step_dir):
+    # Rot in the middle of the array data, which still parses: only the checksums can tell.
+    path = _largest_file(os.path.join(step_dir, "params"))
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _state_with_data(step):
+    """Arrays big enough that the middle of the largest file is array bytes."""
+    return TrainState({"w": jnp.arange(4096.0) * step}, {"count": jnp.asarray(step)}, step, jax.random.key(step))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(_truncate, "OUT_OF_RANGE|[Tt]runcat|[Ee]rror"), (_empty_meta, "JSONDecodeError"), (_flip_bytes, "differ from their checksums")],
+    ids=["truncated", "empty_meta", "flipped"],
+)
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_restored(tmp_path, caplog, damage, reason):
+    state = _state_with_data
+    with Checkpointer(str(tmp_path), save_every=1, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.maybe_save(step, state(step))
+    damage(str(tmp_path / "2"))
+    with Checkpointer(str(tmp_path), save_every=1, keep=3) as ckpt:
+        restored, _ = ckpt.restore(_abstract(state(0)))
+        _assert_bit_exact(restored, state(1))
+        assert f"checkpoint {tmp_path}/2 is unreadable or corrupt" in caplog.text
+        assert re.search(reason, caplog.text), caplog.text
+        # The run goes on from step 1 and its save of step 2 replaces the bad one.
+        assert ckpt.maybe_save(2, state(2))
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        again, _ = ckpt.restore(_abstract(state(0)))
+    _assert_bit_exact(again, state(2))
+
+
+def test_no_good_checkpoint_is_an_error_naming_each_step(tmp_path):
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        for step in (1, 2):
+            ckpt.maybe_save(step, _state_with_data(step))
+    _empty_meta(str(tmp_path / "1"))
+    _flip_bytes(str(tmp_path / "2"))
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        with pytest.raises(CheckpointCorruptError, match=r"(?s)step 2: .*differ from their checksums.*step 1: JSON"):
+            ckpt.restore(_abstract(_state_with_data(0)))
 
 
 @pytest.fixture
