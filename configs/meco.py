@@ -89,7 +89,7 @@ def get_config(arg=None):
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"  # or a format of jaxgrounding.data.load_annotations
-    config.data.root = ""  # dataset directory; "" = workdir/../data/synthetic for the synthetic set
+    config.data.root = ""  # dataset directory; "" = workdir/../data/synthetic-<hash of its config> for the synthetic set
     config.data.train_annotations = ""
     config.data.eval_annotations = ""
     config.data.video_root = ""
@@ -101,6 +101,13 @@ def get_config(arg=None):
     # Samples that fail to decode or encode are skipped and counted; more than this fraction of the
     # samples read failing stops training with the reasons.
     config.data.max_failure_fraction = 0.05
+    # An annotation line that does not parse: "raise" (naming file and line) or "skip" it (counted).
+    config.data.on_bad_line = "raise"
+    # Annotation video paths must stay inside video_root (no ../ or absolute paths) unless allowed.
+    config.data.allow_outside_video_root = False
+    # A video whose decoded duration differs from its annotation's by more than this fraction (and 1 s)
+    # is skipped and counted: its windows were measured on another file.
+    config.data.max_duration_error = 0.1
     config.data.synthetic_train_videos = 500
     config.data.synthetic_eval_videos = 100
     # jaxgrounding.data.synthetic_scenes.SceneConfig of the synthetic set; every field is listed, so
@@ -124,6 +131,9 @@ def get_config(arg=None):
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
+    # After SIGTERM the loop saves at the next step boundary; one not reached within this many seconds
+    # (a stuck read, a hung collective) exits without saving, keeping the newest committed checkpoint.
+    config.train.sigterm_grace_s = 120.0
     config.train.export = True  # workdir/export: the merged model as an HF checkpoint
 
     config.optimizer = ml_collections.ConfigDict()

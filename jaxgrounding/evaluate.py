@@ -21,6 +21,7 @@ from jaxgrounding.training import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by jaxgrounding.train.", required=True)
+flags.mark_flag_as_required("config")
 
 
 def main(argv):

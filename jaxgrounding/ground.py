@@ -27,7 +27,12 @@ from jaxgrounding.training import experiment
 _MODEL = flags.DEFINE_string("model", None, "A workdir written by jaxgrounding.train.", required=True)
 _VIDEO = flags.DEFINE_string("video", None, "Video file.", required=True)
 _QUERY = flags.DEFINE_string("query", None, "What to find.", required=True)
-_FPS = flags.DEFINE_float("fps", None, "Sampling rate (default: the training config's).")
+# Above any camera's rate: more only multiplies the frame grid (1e9 fps asked numpy for 82 GiB).
+_MAX_FPS = 240.0
+_FPS = flags.DEFINE_float(
+    "fps", None, f"Sampling rate, in (0, {_MAX_FPS:g}] (default: the training config's).", lower_bound=0.0, upper_bound=_MAX_FPS
+)
+flags.register_validator("fps", lambda fps: fps is None or fps > 0, message="--fps must be > 0")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a PNG of similarity over time with the windows marked.")
 _MEMORY = flags.DEFINE_enum(
@@ -79,7 +84,7 @@ def plot(prediction: inference.Prediction, duration: float, query: str, path: st
 def main(argv):
     del argv
     config = experiment.load_workdir_config(_MODEL.value)
-    fps = _FPS.value or config.data.fps
+    fps = config.data.fps if _FPS.value is None else _FPS.value
     model, tokenizer, checkpoint_dir, _ = experiment.restore_model(config, _MODEL.value)
     video = data_lib.read_video(
         _VIDEO.value, fps=fps, max_frames=config.data.max_frames, size=tuple(config.data.frame_size)

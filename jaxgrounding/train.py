@@ -2,9 +2,11 @@
 
     python -m jaxgrounding.train --config configs/meco.py --workdir runs/meco [--config.a.b=value ...]
 
-The workdir gets: config.json (the resolved config), checkpoints/ (Orbax; a run started on a
-workdir with checkpoints resumes from the latest), tb/ (TensorBoard events),
-train_metrics.jsonl (one line per logged step), eval/metrics.json and eval/predictions.jsonl.
+The workdir gets: run.lock while a run holds it (a second launch refuses), config.json (the resolved
+config, written once the run has started), checkpoints/ (Orbax; a run started on a workdir with
+checkpoints resumes from the newest good one, with the same model and data config), tb/
+(TensorBoard events), train_metrics.jsonl (one line per logged step; a resume replaces the rows of
+the steps it replays), eval/metrics.json and eval/predictions.jsonl.
 A GRPO config with `warm_start.steps` first trains its supervised warm start in workdir/warm_start
 (evaluated into workdir/eval_init), then starts GRPO from that model.
 """
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 
 import jax
@@ -28,19 +31,54 @@ from tensorboardX import SummaryWriter
 from jaxgrounding import data as data_lib
 from jaxgrounding import evaluation, parallel, settings
 from jaxgrounding.training import experiment
+from jaxgrounding.training import checkpoint as checkpoint_lib
+from jaxgrounding.training import workdir as workdir_lib
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.", required=True)
+flags.mark_flag_as_required("config")
 
 log = logging.getLogger(__name__)
 # Metrics on the progress bar, besides every "*_loss": SFT's loss, GRPO's reward and KL.
 _SHOWN = ("loss", "reward", "kl")
 
 
+def check_config(config) -> None:
+    """Raises ValueError for settings no run can use, saying what is allowed (before anything is built)."""
+    problems = []
+    for key in ("train.steps", "train.batch_size", "train.accumulate", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "eval.batch_size"):
+        section, name = key.split(".")
+        value = config[section][name]
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{key}={value!r}: must be an integer >= 1")
+    if config.model.dtype not in settings.DTYPES:
+        problems.append(f"model.dtype={config.model.dtype!r}: supported are {sorted(settings.DTYPES)}")
+    if not 0.0 <= config.data.max_failure_fraction <= 1.0:
+        problems.append(f"data.max_failure_fraction={config.data.max_failure_fraction!r}: must be in [0, 1]")
+    if config.data.on_bad_line not in ("raise", "skip"):
+        problems.append(f"data.on_bad_line={config.data.on_bad_line!r}: must be 'raise' or 'skip'")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _tensorboard_name(name: str) -> str:
+    # TensorBoard accepts [A-Za-z0-9_.\-/] in tags and warns on the rest ("eval/R1@0.5").
+    return re.sub(r"[^A-Za-z0-9_./-]", "_", name)
+
+
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training, then evaluates. `stop_after` ends the run after that step
     without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    # One process takes the workdir for the whole run (the warm start's workdir is inside it).
+    with workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir, stop_after)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after: int | None) -> dict:
     if "warm_start" in config and config.warm_start.steps:
         warm_workdir = os.path.join(workdir, "warm_start")
         if not os.path.isfile(os.path.join(warm_workdir, "eval_done")):
@@ -55,9 +93,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
 def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     primary = jax.process_index() == 0  # the one process that writes the workdir's files
     os.makedirs(workdir, exist_ok=True)
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    # Before anything is built from the config (a tiny model already in the workdir would be reused).
+    workdir_lib.check_resume_config(config, workdir)
 
     # --- Mesh ------------------------------------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -90,7 +127,7 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
         save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints,
     )
-    checkpointer.install_sigterm_handler()
+    checkpointer.install_sigterm_handler(grace_s=config.train.sigterm_grace_s)
     state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=0, rng=jax.random.key(config.seed))
     start = 0
     if checkpointer.latest_step() is not None:
@@ -100,8 +137,14 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
         log.info("resumed from step %d", start)
 
     # --- Loop --------------------------------------------------------------------------------------
-    writer = SummaryWriter(os.path.join(workdir, "tb")) if primary else None
-    metrics_file = open(os.path.join(workdir, "train_metrics.jsonl"), "a") if primary else None
+    writer, metrics_file = None, None
+    if primary:
+        # The run has started: its config is the workdir's now.
+        workdir_lib.write_config(config, workdir)
+        metrics_path = os.path.join(workdir, "train_metrics.jsonl")
+        workdir_lib.truncate_metrics(metrics_path, start)
+        writer = SummaryWriter(os.path.join(workdir, "tb"))
+        metrics_file = open(metrics_path, "a")
     bar = tqdm.tqdm(total=config.train.steps, initial=start, desc="train", unit="step", disable=not primary)
     step, tick = start, time.perf_counter()
     try:
@@ -127,7 +170,7 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                     for k, v in metrics.items():
-                        writer.add_scalar(f"train/{k}", v, step)
+                        writer.add_scalar(_tensorboard_name(f"train/{k}"), v, step)
             state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=step, rng=state.rng)
             preempted = checkpointer.preemption_requested
             checkpointer.maybe_save(step, state, batches, force=preempted or step == config.train.steps)
@@ -155,12 +198,16 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     if config.train.export and primary:
         experiment.export_hf(model, tokenizer, os.path.join(workdir, "export"))
     # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
-    with contextlib.nullcontext() if local else jax.set_mesh(mesh):
+    stopped = (
+        f"SIGTERM during evaluation: training is complete and checkpointed at step {step}; exiting without "
+        f"evaluation results (python -m jaxgrounding.evaluate on {workdir} writes them)"
+    )
+    with checkpoint_lib.exit_on_sigterm(stopped), contextlib.nullcontext() if local else jax.set_mesh(mesh):
         result = evaluation.evaluate(model, tokenizer, eval_samples, checkpoint_dir, config, eval_dir)
     if writer:
         for k, v in result.items():
             if isinstance(v, (int, float)):
-                writer.add_scalar(f"eval/{k}", v, step)
+                writer.add_scalar(_tensorboard_name(f"eval/{k}"), v, step)
         writer.close()
     log.info("eval: %s", json.dumps(result))
     print(json.dumps({"eval": result}), flush=True)

@@ -103,6 +103,9 @@ def test_killed_and_resumed_run_reproduces_losses(uninterrupted):
     want, got = losses(workdir), losses(resumed)
     for step in range(4, 7):
         assert got[step] == want[step], step
+    # The resumed run replayed step 4: its row replaces the killed run's, none is duplicated.
+    with open(os.path.join(resumed, "train_metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
 
 
 def test_evaluate_from_latest_checkpoint_matches_training_eval(uninterrupted):
@@ -133,3 +136,58 @@ def test_two_processes_train_like_one(uninterrupted):
     check_two_processes_train_like_one(
         "meco", root, workdir, result, micro_config(root / "data"), evaluate=False, across_process_counts=True
     )
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.steps", -5, r"train.steps=-5: must be an integer >= 1"),
+        ("train.batch_size", 0, r"train.batch_size=0: must be an integer >= 1"),
+        ("model.dtype", "float16", r"model.dtype='float16': supported are \['bfloat16', 'float32'\]"),
+        ("data.on_bad_line", "ignore", r"data.on_bad_line='ignore': must be 'raise' or 'skip'"),
+    ],
+)
+def test_bad_config_values_are_named_with_what_is_allowed(tmp_path, key, value, message):
+    from jaxgrounding.config import set_dotted
+
+    config = micro_config(tmp_path / "data")
+    set_dotted(config, key, value)
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_commands_refuse_bad_arguments():
+    """One interpreter for the flag checks of the commands (absl parses them before main runs)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from absl import flags
+which = sys.argv[1]
+if which == "ground":
+    import jaxgrounding.ground
+else:
+    import jaxgrounding.train
+for argv in sys.argv[2:]:
+    try:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", *argv.split()])
+        flags.FLAGS.validate_all_flags()
+        print("ACCEPTED", argv)
+    except flags.Error as e:
+        print("REFUSED", argv, "|", e)
+"""
+    common = "--model m --video v --query q"
+    out = subprocess.run(
+        [sys.executable, "-c", script, "ground", f"{common} --fps 1e9", f"{common} --fps 0", f"{common} --fps 2"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert "REFUSED --model m --video v --query q --fps 1e9 | flag --fps=1e9: 1000000000.0 is not a number in the range [0.0, 240.0]" in out, out
+    assert "REFUSED --model m --video v --query q --fps 0 | flag --fps=0.0: --fps must be > 0" in out, out
+    assert "ACCEPTED --model m --video v --query q --fps 2" in out, out
+    out = subprocess.run(
+        [sys.executable, "-c", script, "train", "--workdir w"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert "REFUSED --workdir w | flag --config=None: Flag --config must have a value other than None" in out, out

@@ -15,6 +15,7 @@ import fractions
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Iterable
 
 import av
@@ -119,6 +120,37 @@ def _generate_split(root: str, split: str, count: int, config: SyntheticConfig) 
     return annotation
 
 
+def _generate_atomically(root: str, config: SyntheticConfig, wanted: dict) -> None:
+    """Generates the set beside ``root`` and renames it into place, so a reader sees the old set or the
+    complete new one, never a half-written or half-deleted one."""
+    parent, name = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"{name}.tmp-", dir=parent)
+    try:
+        files = []
+        for split, count in config.splits:
+            _generate_split(staging, split, count, config)
+            files.append(f"{split}.jsonl")
+            files.extend(os.path.join(split, f"{i:06d}.mp4") for i in range(count))
+        with open(os.path.join(staging, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump({"config": wanted, "files": files}, f, indent=1)
+        if os.path.exists(root) and os.listdir(root):
+            # A different set under the same root (an explicit data.root): swapped, then the old one deleted.
+            old = tempfile.mkdtemp(prefix=f"{name}.old-", dir=parent)
+            os.rename(root, os.path.join(old, name))
+            os.rename(staging, root)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            os.rename(staging, root)  # also replaces an empty directory
+        except OSError:
+            if not os.path.exists(os.path.join(root, "manifest.json")):
+                raise
+            # Another process published the same set first: keep theirs.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def ensure_synthetic_dataset(
     root: str | os.PathLike[str], config: SyntheticConfig = SyntheticConfig()
 ) -> dict[str, list[Sample]]:
@@ -138,20 +170,10 @@ def ensure_synthetic_dataset(
     if complete:
         complete = all(os.path.exists(os.path.join(root, p)) for p in manifest["files"])
     if not complete:
-        if os.path.exists(root):
-            # Only ever delete what looks like our own output.
-            if os.listdir(root) and not os.path.exists(manifest_path):
-                raise FileExistsError(f"{root} is not empty and has no synthetic manifest")
-            shutil.rmtree(root)
-        os.makedirs(root)
-        files = []
-        for split, count in config.splits:
-            _generate_split(root, split, count, config)
-            files.append(f"{split}.jsonl")
-            files.extend(os.path.join(split, f"{i:06d}.mp4") for i in range(count))
-        # The manifest is written last, so its presence means the set is complete.
-        with open(manifest_path, "w", encoding="utf-8") as f:
-            json.dump({"config": wanted, "files": files}, f, indent=1)
+        # Only ever replace what looks like our own output.
+        if os.path.exists(root) and os.listdir(root) and not os.path.exists(manifest_path):
+            raise FileExistsError(f"{root} is not empty and has no synthetic manifest")
+        _generate_atomically(root, config, wanted)
     return {
         split: sources.load_annotations(os.path.join(root, f"{split}.jsonl"), "jsonl", video_root=root).samples
         for split, _ in config.splits

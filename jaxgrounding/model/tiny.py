@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 from flax import nnx
@@ -119,16 +121,25 @@ def tiny_hf_config(
 
 
 def build_tiny_checkpoint(path: str, texts: Iterable[str], *, seed: int = 0, max_pixels: int = 56 * 56, **sizes) -> str:
-    """Writes a complete tiny checkpoint directory to `path` (idempotent: reuses a finished one)."""
+    """Writes a complete tiny checkpoint directory to `path`; reuses a finished one built with the same sizes, seed
+    and pixel budget (recorded in its `tiny_build.json`) and replaces one built with others. The directory is
+    built beside `path` and renamed into place, so `path` is never half-written."""
     from jaxgrounding.model.config import ModelConfig
     from jaxgrounding.model.video_llm import VideoLLM
     from jaxgrounding.model.weights import save_pretrained
     from transformers import AutoTokenizer
 
-    done = os.path.join(path, "model.safetensors")
-    if os.path.isfile(done):
-        return path
-    os.makedirs(path, exist_ok=True)
+    build = {"seed": seed, "max_pixels": max_pixels, "sizes": sizes}
+    record = os.path.join(path, "tiny_build.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            if json.load(f) == json.loads(json.dumps(build)):
+                return path
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path  # Finished before builds were recorded: kept, as its checkpoints were trained on it.
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    final, path = path, tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     write_tokenizer(path, texts)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -148,5 +159,10 @@ def build_tiny_checkpoint(path: str, texts: Iterable[str], *, seed: int = 0, max
             f,
             indent=2,
         )
-    save_pretrained(model, path)  # writes model.safetensors last: its presence marks completion
-    return path
+    save_pretrained(model, path)
+    with open(os.path.join(path, "tiny_build.json"), "w") as f:
+        json.dump(build, f)
+    if os.path.exists(final):
+        shutil.rmtree(final)  # built with other sizes, or never finished
+    os.rename(path, final)
+    return final

@@ -40,6 +40,7 @@ Preemption: ``install_sigterm_handler`` turns SIGTERM into a flag the loop polls
 (``preemption_requested``); the loop then calls ``maybe_save(..., force=True)`` and exits.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -47,6 +48,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import threading
 from typing import Any, Self
 
 import grain
@@ -142,6 +145,7 @@ class Checkpointer:
         self._preemption = False
         self._sigterm_installed = False
         self._previous_sigterm = None
+        self._watch = None
         self._closed = False
 
     def latest_step(self) -> int | None:
@@ -294,6 +298,9 @@ class Checkpointer:
                 previous = signal.SIG_DFL if self._previous_sigterm is None else self._previous_sigterm
                 signal.signal(signal.SIGTERM, previous)
                 self._sigterm_installed = False
+            if self._watch is not None:
+                self._watch.stop()
+                self._watch = None
 
     def __enter__(self) -> Self:
         return self
@@ -301,15 +308,27 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def install_sigterm_handler(self) -> None:
+    def install_sigterm_handler(self, grace_s: float | None = None) -> None:
         """SIGTERM then sets ``preemption_requested`` instead of killing the process.
 
         The loop saves with ``force=True`` and returns normally, so pending async writes are
         finished by ``close``. Must be called from the main thread (Python's signal rule).
+
+        grace_s: a loop that has not read ``preemption_requested`` this long after SIGTERM is stuck
+          (a read that never returns, a hung collective, a source that only fails): the process
+          then exits with status 143 and says so, keeping the newest committed checkpoint. None
+          waits for the loop however long it takes.
         """
         if not self._sigterm_installed:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._sigterm_installed = True
+            if grace_s is not None:
+                self._watch = _SigtermWatch(
+                    grace_s,
+                    f"SIGTERM: the run did not reach a step boundary within {grace_s:g} s (stuck reading data, or "
+                    f"waiting for another process); exiting without saving: the newest committed checkpoint in "
+                    f"{self.directory} is kept",
+                )
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
@@ -324,9 +343,71 @@ class Checkpointer:
         processes may be signalled at different steps, yet all must force the same save or the
         save's barriers hang. Read it at the same steps on every process.
         """
-        if jax.process_count() == 1:
-            return self._preemption
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._preemption))))
+        requested = self._preemption or (self._watch is not None and self._watch.signalled)
+        if jax.process_count() > 1:
+            requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+        if requested and self._watch is not None:
+            self._watch.acknowledge()  # The loop is at a step boundary: it saves and stops on its own.
+        return requested
+
+
+class _SigtermWatch:
+    """Exits a process whose main thread does not answer SIGTERM within a grace period.
+
+    Python runs signal handlers in the main thread only, between bytecodes: a main thread blocked in C
+    (a read on a hung file system, an XLA collective waiting for a dead peer) never sees SIGTERM. The C
+    level handler does write the signal number to the wakeup fd at once, from whichever thread the
+    kernel picked; this thread waits on it.
+    """
+
+    def __init__(self, grace_s: float, message: str):
+        self.grace_s, self.message = grace_s, message
+        self.signalled = False
+        self._acknowledged = threading.Event()
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._run, name="sigterm-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self.signalled:
+            try:
+                received = self._read.recv(64)
+            except OSError:
+                return
+            if not received:
+                return  # Stopped.
+            self.signalled = signal.SIGTERM in received
+        if self._acknowledged.wait(self.grace_s):
+            return
+        _log.error("%s", self.message)
+        logging.shutdown()
+        os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
+
+    def acknowledge(self) -> None:
+        self._acknowledged.set()
+
+    def stop(self) -> None:
+        self._acknowledged.set()
+        signal.set_wakeup_fd(self._previous_fd)
+        self._read.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+        self._read.close()
+        self._write.close()
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(message: str):
+    """Within the block, SIGTERM exits the process at once (status 143) after logging `message`, even while the
+    main thread is busy in C (a compiled evaluation step): for work that has nothing to save."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # The watch does the work.
+    watch = _SigtermWatch(0.0, message)
+    try:
+        yield
+    finally:
+        watch.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):

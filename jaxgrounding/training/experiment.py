@@ -7,6 +7,7 @@ Settings objects come from `jaxgrounding.settings`; evaluation is `jaxgrounding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -49,10 +50,14 @@ def first_process_first(fn):
     return fn() if jax.process_index() != 0 else out
 
 
-def synthetic_root(config, workdir: str) -> str:
-    # Configs with different scene families (short MeCo clips, long TimeScope videos) keep apart.
+def synthetic_root(config, workdir: str, synthetic: data_lib.SyntheticConfig) -> str:
+    """`data.root`, or by default workdir/../data/<name>-<hash of the set's config>: runs of different sets
+    (scene families, sizes, seeds) sharing a parent never regenerate each other's videos under a live run."""
+    if config.data.root:
+        return config.data.root
     name = config.data.get("synthetic_name", "synthetic")
-    return config.data.root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", name)
+    digest = hashlib.sha256(json.dumps(synthetic.to_json(), sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", f"{name}-{digest}")
 
 
 def load_samples(config, workdir: str) -> tuple[list, list]:
@@ -62,7 +67,7 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
             splits=(("train", config.data.synthetic_train_videos), ("val", config.data.synthetic_eval_videos)),
             scene=SceneConfig(**dict(config.data.get("scene", {}))),
         )
-        splits = data_lib.ensure_synthetic_dataset(synthetic_root(config, workdir), synthetic)
+        splits = data_lib.ensure_synthetic_dataset(synthetic_root(config, workdir, synthetic), synthetic)
         return splits["train"], splits["val"]
     root = config.data.root
     if not root:
@@ -73,7 +78,12 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
         durations = os.path.join(root, config.data.durations) if config.data.durations else None
         kwargs = {"durations": durations} if durations else {}
         loaded = data_lib.load_annotations(
-            path, config.data.name, video_root=os.path.join(root, config.data.video_root), **kwargs
+            path,
+            config.data.name,
+            video_root=os.path.join(root, config.data.video_root),
+            on_bad_line=config.data.on_bad_line,
+            allow_outside_video_root=config.data.allow_outside_video_root,
+            **kwargs,
         )
         log.info("%s: %d samples (%s)", path, len(loaded.samples), loaded.report)
         return loaded.samples

@@ -330,6 +330,48 @@ def test_sigterm_sets_the_flag_and_close_restores_the_handler(tmp_path):
         signal.signal(signal.SIGTERM, original)
 
 
+_STUCK_RUN = """
+import os, sys, jax, jax.numpy as jnp
+from jaxgrounding.training.checkpoint import Checkpointer, TrainState, exit_on_sigterm
+ckpt = Checkpointer(sys.argv[1], save_every=1, async_save=False)
+ckpt.install_sigterm_handler(grace_s=1.0)
+ckpt.maybe_save(1, TrainState({"w": jnp.ones(3)}, {"n": jnp.zeros(())}, 1, jax.random.key(1)))
+read, _ = os.pipe()
+if sys.argv[2] == "evaluation":
+    ckpt.close()
+    with exit_on_sigterm("SIGTERM during evaluation: exiting"):
+        print("reading", flush=True)
+        os.read(read, 1)
+print("reading", flush=True)
+os.read(read, 1)  # a read that never returns (PEP 475 resumes it after the Python handler)
+"""
+
+
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        ("training", "did not reach a step boundary within 1 s (stuck reading data"),
+        ("evaluation", "SIGTERM during evaluation: exiting"),
+    ],
+)
+def test_sigterm_while_stuck_exits_in_bounded_time_keeping_the_checkpoint(tmp_path, phase, message):
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_RUN, str(tmp_path), phase], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "reading"
+        signalled = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 30
+    finally:
+        child.kill()
+    assert message in child.stderr.read()
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        restored, _ = ckpt.restore(_abstract(TrainState({"w": jnp.ones(3)}, {"n": jnp.zeros(())}, 0, jax.random.key(0))))
+    assert restored.step == 1
+
+
 def _pipeline_source(n=10):
     """(Sample, Video) pairs with pre-extracted frames: nothing is decoded."""
     pairs = []
