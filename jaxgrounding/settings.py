@@ -58,6 +58,8 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
         worker_count=config.data.workers,
         # Evaluation reports its skips instead of stopping on their fraction.
         max_failure_fraction=config.data.max_failure_fraction if train else 1.0,
+        # A workdir's config.json from before the check existed: no check, as it was trained.
+        max_duration_error=config.data.get("max_duration_error"),
         buckets=buckets,
         video={"fps": config.data.fps, "max_frames": config.data.max_frames, "size": tuple(config.data.frame_size)},
     )

@@ -15,7 +15,8 @@ of each global batch, so the global batch a step trains on (and its row order, w
 micro-batching splits) does not depend on how many processes read it, and a run resumed on a
 different number of processes continues the same stream (``reshard_state``).
 
-Bad samples: a video that does not decode (``VideoDecodeError``) or a sample the transform
+Bad samples: a video that does not decode (``VideoDecodeError``), whose decoded duration
+contradicts its annotation (``max_duration_error``), or a sample the transform
 cannot turn into arrays (a query longer than the encoder's ``max_tokens``, a target that
 cannot be placed: any exception of the transform) is, with ``skip_bad_samples``, dropped
 inside the worker; its id, path and reason travel to the main process with the next batch
@@ -85,6 +86,9 @@ class PipelineConfig:
       raise (False).
     max_failure_fraction: stop (``DataFailureError``) once more than this fraction of the
       samples read failed; 1.0 never stops on the fraction.
+    max_duration_error: skip (stage "label") a sample whose annotated duration differs from its
+      decoded video's by more than this fraction of the video's (and 1 s): its windows were
+      measured on another file. None: no check.
     drop_remainder: drop the last short batch instead of padding it.
     buckets: allowed sizes of axis 0 per transform output key.
     video: keyword arguments for ``read_video`` (fps, max_frames, size, ...).
@@ -100,7 +104,8 @@ class PipelineConfig:
     read_threads: int = 2
     read_buffer: int = 8
     skip_bad_samples: bool = True
-    max_failure_fraction: float = 0.05
+    max_failure_fraction: float = 1.0
+    max_duration_error: float | None = None
     drop_remainder: bool = False
     buckets: Mapping[str, Sequence[int]] = dataclasses.field(
         default_factory=lambda: {"frames": (16, 32, 64), "timestamps": (16, 32, 64), "windows": (1, 4, 16)}
@@ -136,6 +141,7 @@ def _decode_and_transform(
     video_options: Mapping[str, Any],
     transform: Transform,
     skip_bad_samples: bool,
+    max_duration_error: float | None,
 ) -> dict[str, Any]:
     index, item = index_and_item
     epoch = index // epoch_length
@@ -150,6 +156,16 @@ def _decode_and_transform(
             if not skip_bad_samples:
                 raise
             return _bad(epoch, sample, "decode", e.reason)
+    if max_duration_error is not None and abs(video.duration - sample.duration) > max(
+        1.0, max_duration_error * video.duration
+    ):
+        reason = (
+            f"duration_mismatch: the annotation says {sample.duration:.2f} s, "
+            f"the video decodes to {video.duration:.2f} s"
+        )
+        if not skip_bad_samples:
+            raise ValueError(f"sample {sample.id} ({sample.video}): {reason}")
+        return _bad(epoch, sample, "label", reason)
     try:
         return {_EPOCH: epoch, **transform(sample, video)}
     except Exception as e:  # pylint: disable=broad-except
@@ -455,6 +471,7 @@ def make_pipeline(
             video_options=dict(config.video),
             transform=transform,
             skip_bad_samples=config.skip_bad_samples,
+            max_duration_error=config.max_duration_error,
         )
     )
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))

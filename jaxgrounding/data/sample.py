@@ -9,6 +9,7 @@ dataset's quirks are visible rather than silently absorbed.
 import collections
 import dataclasses
 import logging
+import math
 
 Window = tuple[float, float]
 
@@ -50,7 +51,8 @@ class LoadReport:
 
     fixed: count per kind of repair ("clipped_window", "swapped_window").
     rejected: count per reason a sample was dropped ("empty_query", "bad_duration",
-      "reversed_window", "window_outside_video", "unparsable_line", ...).
+      "non_finite_window", "reversed_window", "window_outside_video", "unparsable_line",
+      "video_outside_root", ...).
     examples: up to a few ``(reason, where)`` per reason, for the log.
     """
 
@@ -103,11 +105,15 @@ def validate(sample: Sample, report: LoadReport, where: str, rules: Validation =
         report.reject("empty_query", where)
         return None
     duration = sample.duration
-    if not duration or duration <= 0 or duration != duration:  # NaN is not > 0 either.
+    if not duration or duration <= 0 or not math.isfinite(duration):
         report.reject("bad_duration", where)
         return None
     windows = []
     for start, end in sample.windows:
+        if not (math.isfinite(start) and math.isfinite(end)):
+            # A NaN passes every comparison below and would land the target on frame 0.
+            report.reject("non_finite_window", where)
+            return None
         if start > end:
             if not rules.swap_reversed:
                 report.reject("reversed_window", where)

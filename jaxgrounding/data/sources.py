@@ -21,6 +21,10 @@ Formats (``load_annotations(format=...)``):
     ``id``, ``captions``, ``verbs`` and ``task`` are optional; ``video`` is relative
     to ``video_root`` unless absolute.
 
+Video paths must resolve inside ``video_root`` (no ``../`` or absolute path leaving it, so an
+annotation file cannot point a run at arbitrary files) unless ``allow_outside_video_root``;
+a sample whose video leaves it is rejected as ``video_outside_root``.
+
 Every sample goes through ``sample.validate``; what was fixed or rejected is in the
 returned ``Annotations.report`` (and logged once).
 """
@@ -74,43 +78,61 @@ def _charades_durations(path: str) -> dict[str, float]:
 Parsed = Iterator[tuple[str, Sample | Exception]]
 
 
+def _lines(path: str) -> Iterator[tuple[str, str | UnicodeDecodeError]]:
+    """(where, text) of each non-blank line; a line that is not UTF-8 comes as its decode error, so
+    the bad-line policy names it by file and line like any other unparsable line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", e
+                continue
+            if line.strip():
+                yield f"{path}:{lineno}", line
+
+
 def _parse_charades(path: str, video_root: str | None, durations: str | dict[str, float] | None) -> Parsed:
     lengths = _charades_durations(durations) if isinstance(durations, str) else durations
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
+    for where, line in _lines(path):
+        lineno = int(where.rsplit(":", 1)[1])
+        if isinstance(line, Exception):
+            yield where, line
+            continue
+        try:
+            head, sentence = line.rstrip("\n").split("##", 1)
+            vid, start, end = head.split()
+            start, end = float(start), float(end)
+        except ValueError as e:
+            yield where, e
+            continue
+        video = resolve_video(video_root, vid)
+        if lengths is not None:
+            duration = lengths.get(vid, 0.0)
+        else:
             try:
-                head, sentence = line.rstrip("\n").split("##", 1)
-                vid, start, end = head.split()
-                start, end = float(start), float(end)
-            except ValueError as e:
-                yield where, e
-                continue
-            video = resolve_video(video_root, vid)
-            if lengths is not None:
-                duration = lengths.get(vid, 0.0)
-            else:
-                try:
-                    duration = video_lib.probe_duration(video)
-                except video_lib.VideoDecodeError:
-                    duration = 0.0  # Rejected as bad_duration by validation, and counted.
-            yield where, Sample(
-                id=f"{vid}:{lineno}",
-                video=video,
-                duration=duration,
-                query=sentence,
-                windows=((start, end),),
-            )
+                duration = video_lib.probe_duration(video)
+            except video_lib.VideoDecodeError:
+                duration = 0.0  # Rejected as bad_duration by validation, and counted.
+        yield where, Sample(
+            id=f"{vid}:{lineno}",
+            video=video,
+            duration=duration,
+            query=sentence,
+            windows=((start, end),),
+        )
 
 
 def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise sample_lib.AnnotationError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise sample_lib.AnnotationError(f"{path}:{line}: not UTF-8 (byte {e.start}: {e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise sample_lib.AnnotationError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def _parse_activitynet(path: str, video_root: str | None, durations: Any) -> Parsed:
@@ -135,14 +157,14 @@ def _parse_activitynet(path: str, video_root: str | None, durations: Any) -> Par
 
 
 def _json_lines(path: str) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", e
+    for where, line in _lines(path):
+        if isinstance(line, Exception):
+            yield where, line
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, e
 
 
 def _parse_qvhighlights(path: str, video_root: str | None, durations: Any) -> Parsed:
@@ -238,6 +260,7 @@ def load_annotations(
     durations: str | dict[str, float] | None = None,
     on_bad_line: OnBadLine = "raise",
     validation: sample_lib.Validation = sample_lib.Validation(),
+    allow_outside_video_root: bool = False,
 ) -> Annotations:
     """Parses and validates one annotation file.
 
@@ -249,6 +272,7 @@ def load_annotations(
       on_bad_line: "raise" an ``AnnotationError`` naming file and line, or "skip" it
         and count it as ``rejected["unparsable_line"]``.
       validation: switches for window repair (see ``sample.Validation``).
+      allow_outside_video_root: accept videos outside ``video_root`` (absolute paths, ``../``).
 
     Returns:
       ``Annotations(samples, report)``; the report is also logged when non-empty.
@@ -257,6 +281,7 @@ def load_annotations(
         raise ValueError(f"unknown annotation format {format!r}; known: {FORMATS}")
     path = os.fspath(path)
     root = None if video_root is None else os.fspath(video_root)
+    real_root = None if root is None or allow_outside_video_root else os.path.realpath(root)
     report = sample_lib.LoadReport()
     samples = []
     for where, parsed in _PARSERS[format](path, root, durations):
@@ -268,8 +293,12 @@ def load_annotations(
             report.reject("unparsable_line", where)
             continue
         valid = sample_lib.validate(parsed, report, where, validation)
-        if valid is not None:
-            samples.append(valid)
+        if valid is None:
+            continue
+        if real_root is not None and os.path.commonpath([real_root, os.path.realpath(valid.video)]) != real_root:
+            report.reject("video_outside_root", where)
+            continue
+        samples.append(valid)
     report.num_samples = len(samples)
     report.log(f"{path} ({format})")
     return Annotations(samples=samples, report=report)

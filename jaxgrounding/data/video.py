@@ -88,6 +88,7 @@ def _probe(path: str) -> _Probe:
             pts = [packet.pts for packet in container.demux(stream) if packet.pts is not None and packet.size > 0]
             rate = stream.average_rate or stream.guessed_rate
             time_base = float(stream.time_base)
+            declared = float(stream.duration * stream.time_base) if stream.duration else None
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -101,6 +102,12 @@ def _probe(path: str) -> _Probe:
     else:
         frame_period = 1.0 / float(rate) if rate else 0.0
     duration = float(pts[-1] - pts[0]) * time_base + frame_period
+    if declared is not None and declared - duration > max(1.0, 0.1 * declared):
+        # A file cut after a leading index (faststart): the header promises frames the file no longer
+        # holds, and its timestamps would be read as a shorter video.
+        raise VideoDecodeError(
+            path, f"truncated: its frames cover {duration:.2f} s of the {declared:.2f} s its video stream declares"
+        )
     return _Probe(pts=pts, time_base=time_base, duration=duration)
 
 

@@ -234,3 +234,43 @@ def test_generic_jsonl(tmp_path):
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="unknown annotation format"):
         load_annotations(_write(tmp_path, "a", ""), "csv")
+
+
+def test_a_non_utf8_line_is_named_by_file_and_line(tmp_path):
+    ann = tmp_path / "a.jsonl"
+    good = json.dumps({"video": "a.mp4", "duration": 10.0, "query": "q", "windows": [[1, 2]]}).encode()
+    ann.write_bytes(good + b"\n" + b'{"video": "b.mp4", "query": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(AnnotationError, match=r"a\.jsonl:2: cannot parse \(UnicodeDecodeError"):
+        load_annotations(str(ann), "jsonl", video_root=str(tmp_path))
+    skipped = load_annotations(str(ann), "jsonl", video_root=str(tmp_path), on_bad_line="skip")
+    assert len(skipped.samples) == 2 and skipped.report.rejected == {"unparsable_line": 1}
+    whole = tmp_path / "b.json"
+    whole.write_bytes(b'{\n"v": {"duration": 1,\n "sentences": ["caf\xe9"]}}')
+    with pytest.raises(AnnotationError, match=r"b\.json:3: not UTF-8"):
+        load_annotations(str(whole), "activitynet")
+
+
+def test_non_finite_windows_are_rejected_and_counted(tmp_path):
+    lines = [
+        '{"video": "a.mp4", "duration": 10.0, "query": "q", "windows": [[NaN, 5]]}',
+        '{"video": "b.mp4", "duration": 10.0, "query": "q", "windows": [[1, Infinity]]}',
+        '{"video": "c.mp4", "duration": Infinity, "query": "q", "windows": [[1, 2]]}',
+        '{"video": "d.mp4", "duration": 10.0, "query": "q", "windows": [[1, 2]]}',
+    ]
+    result = load_annotations(_write(tmp_path, "a.jsonl", "\n".join(lines)), "jsonl", video_root=str(tmp_path))
+    assert [s.video for s in result.samples] == [str(tmp_path / "d.mp4")]
+    assert result.report.rejected == {"non_finite_window": 2, "bad_duration": 1}
+
+
+def test_videos_outside_the_video_root_are_rejected_unless_allowed(tmp_path):
+    root = tmp_path / "videos"
+    lines = [
+        {"video": "../../x.mp4", "duration": 10.0, "query": "q", "windows": [[1, 2]]},
+        {"video": "/etc/x.mp4", "duration": 10.0, "query": "q", "windows": [[1, 2]]},
+        {"video": "sub/../ok.mp4", "duration": 10.0, "query": "q", "windows": [[1, 2]]},
+    ]
+    ann = _write(tmp_path, "a.jsonl", "\n".join(json.dumps(x) for x in lines))
+    result = load_annotations(ann, "jsonl", video_root=str(root))
+    assert [s.video for s in result.samples] == [str(root / "sub/../ok.mp4")]
+    assert result.report.rejected == {"video_outside_root": 2}
+    assert len(load_annotations(ann, "jsonl", video_root=str(root), allow_outside_video_root=True).samples) == 3

@@ -234,3 +234,16 @@ def test_a_source_with_every_video_missing_stops_within_seconds(synthetic_small,
     # A finite pass (evaluation) with nothing readable says so too, instead of yielding nothing.
     with pytest.raises(DataFailureError, match="none of the 8 samples could be read"):
         list(make_pipeline(missing, _config(num_epochs=1, max_failure_fraction=1.0)))
+
+
+def test_an_annotation_duration_the_video_contradicts_is_skipped_and_counted(synthetic_small):
+    _, splits = synthetic_small
+    samples = splits["train"][:4]
+    # A 60-s annotation with a window at 40-50 s, on a video of about 10 s.
+    lying = dataclasses.replace(samples[1], id="lying", duration=60.0, windows=((40.0, 50.0),))
+    config = _config(num_epochs=1, batch_size=4, max_duration_error=0.1)
+    it = iter(make_pipeline([samples[0], lying, *samples[2:]], config))
+    (batch,) = list(it)
+    assert int(batch["valid"].sum()) == 3
+    assert it.epoch_reports[0]["ids"] == ["lying"] and it.epoch_reports[0]["reasons"] == {"label: duration_mismatch": 1}
+    assert "the annotation says 60.00 s" in it.skipped[0][4]
