@@ -109,7 +109,9 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
     the three inversion tasks' accuracies on the same samples (Invert4TVG, fig. 1). What published numbers silently
     depend on is pinned in the result: the prompt, thinking, decoding and the new-token budget."""
     index, count = jax.process_index(), jax.process_count()
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    encoder = ChatEncoder(
+        checkpoint, settings.encoder_config(config, train=False), video_first=settings.video_first(config)
+    )
     sampling_config = settings.sampling_config(config)
     thinking = config.answer.thinking
     tasks = ("grounding",) + tuple(config.grpo.inversion_tasks)

@@ -82,6 +82,12 @@ def streaming_config(config):
     )
 
 
+def video_first(config) -> bool:
+    """Whether answer-format prompts put the video before the instruction: a streamed config's must (the video
+    is streamed into memory first, then the question asks), Time-R1's put the query first."""
+    return streaming_config(config) is not None
+
+
 def inference_streaming_config(config):
     """Streaming settings for grounding with `config`: its own, or for a model trained without
     them (`ground --memory streaming` on a MeCo workdir) the defaults sized to data.max_frames."""

@@ -40,6 +40,7 @@ from jaxgrounding import parallel
 from jaxgrounding.memory.hvr import HVRConfig, hvr_downsample
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.decoder import CACHE_AXES, Memory
+from jaxgrounding.model.video_llm import ModelInputs
 from jaxgrounding.model.vision import uniform_plan
 
 
@@ -191,6 +192,19 @@ def split_batch(batch: dict, config: ModelConfig, streaming: StreamingConfig, fr
     if "struct_positions" in batch:
         out["suffix_struct_positions"] = np.maximum(np.asarray(batch["struct_positions"]) - suffix_start[:, None], 0)
     return out
+
+
+def suffix_inputs(arrays: dict) -> ModelInputs:
+    """The question (and generation prompt) after the video of `split_batch` arrays, at its absolute positions:
+    what generation continues a streamed video with."""
+    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), 1, 0)
+    valid = jnp.asarray(arrays["suffix_valid"])
+    return ModelInputs(
+        input_ids=jnp.asarray(arrays["suffix_ids"]),
+        attention_mask=valid,
+        positions=positions,
+        next_position=jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1,
+    )
 
 
 def plan_for(config: ModelConfig, streaming: StreamingConfig, frame_size, batch: int) -> dict:
@@ -354,26 +368,24 @@ class StreamOutput:
     frame_valid: jax.Array
 
 
-def stream_forward(
+def stream_context(
     llm,
     layout: BufferLayout,
     hvr: HVRConfig,
     arrays: dict,
     plan: dict,
     reloaded: jax.Array,
-    hidden_layers=(),
     dropout_key=None,
-) -> StreamOutput:
-    """The whole streamed prompt in one differentiable function (training): prefix, a `lax.scan`
-    over the segments (inside, the decoder layers are rematerialised by the model's remat policy;
-    an outer checkpoint per segment measured 1.4x slower per step on the default config and saves
-    only the per-layer residual stream of the video tokens), then the suffix over `answer_memory` with the DVR of the segments
-    marked in `reloaded` [B, N] bool (all False: the coarse stage; some True: the fine stage).
-    `plan`: the vision tower's plan for all B*N segments (`plan_for(..., batch=B*N)`): the
-    frames are embedded in one batched call before the scan (the tower never looks across grids,
-    so this equals embedding each segment in its step, and runs as a few large matmuls)."""
-    config = llm.config
-    t = config.text
+) -> tuple[Memory, jax.Array, jax.Array]:
+    """The streamed video in one differentiable function (training): the prefix, then a `lax.scan` over the
+    segments (inside, the decoder layers are rematerialised by the model's remat policy; an outer checkpoint per
+    segment measured 1.4x slower per step on the default config and saves only the per-layer residual stream of
+    the video tokens). Returns (what the question attends to: `answer_memory` with the DVR of the segments marked
+    in `reloaded` [B, N] bool, all False for the coarse stage; frame_states [B, N*S, E]; frame_valid [B, N*S]).
+    `plan`: the vision tower's plan for all B*N segments (`plan_for(..., batch=B*N)`): the frames are embedded in
+    one batched call before the scan (the tower never looks across grids, so this equals embedding each segment
+    in its step, and runs as a few large matmuls)."""
+    t = llm.config.text
     prefix_positions = jnp.moveaxis(arrays["prefix_positions"], 1, 0)
     memory = start_memory(llm, layout, arrays["prefix_ids"], prefix_positions, arrays["prefix_valid"])
     b, n = arrays["segment_valid"].shape[:2]
@@ -400,14 +412,30 @@ def stream_forward(
     dvr = Memory(stack(out.dvr_keys), stack(out.dvr_values), segment_valid.reshape(b, -1))
     dvr_segments = jnp.where(reloaded, jnp.arange(n)[None, :], -1)
     context = answer_memory(layout, memory, dvr, dvr_segments)
+    frame_states = jnp.moveaxis(out.frame_states, 0, 1).reshape(b, n * layout.segment_frames, -1)
+    frame_valid = jnp.moveaxis(out.frame_valid, 0, 1).reshape(b, -1)
+    return context, frame_states, frame_valid
+
+
+def stream_forward(
+    llm,
+    layout: BufferLayout,
+    hvr: HVRConfig,
+    arrays: dict,
+    plan: dict,
+    reloaded: jax.Array,
+    hidden_layers=(),
+    dropout_key=None,
+) -> StreamOutput:
+    """The whole streamed prompt (training): `stream_context`, then the suffix (question and response) over it."""
+    context, frame_states, frame_valid = stream_context(llm, layout, hvr, arrays, plan, reloaded, dropout_key)
+    n = arrays["segment_valid"].shape[1]
     embeds = llm.decoder.embed(arrays["suffix_ids"])
     suffix_positions = jnp.moveaxis(arrays["suffix_positions"], 1, 0)
     suffix_key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
     final, hidden, _ = llm.decoder.attend(
         embeds, suffix_positions, arrays["suffix_valid"], context, hidden_layers, dropout_key=suffix_key
     )
-    frame_states = jnp.moveaxis(out.frame_states, 0, 1).reshape(b, n * layout.segment_frames, -1)
-    frame_valid = jnp.moveaxis(out.frame_valid, 0, 1).reshape(b, -1)
     return StreamOutput(final, hidden, frame_states, frame_valid)
 
 

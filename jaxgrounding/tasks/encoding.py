@@ -187,19 +187,26 @@ class ChatEncoder(StructuralEncoder):
     video in the user turn, the response is plain text ended by the end-of-turn token, and the LM loss
     covers the response. What the prompt and response say is the caller's (`tasks.timestamps`,
     `tasks.inversion`); this class only turns them into arrays, in the layout `StructuralEncoder` uses
-    (so the same batching, vision plan and model inputs apply)."""
+    (so the same batching, vision plan and model inputs apply).
+
+    `video_first`: the video before the instruction instead, as a streamed prompt needs (TimeScope streams the
+    video into memory, then asks)."""
+
+    def __init__(self, checkpoint: str, config: EncoderConfig = EncoderConfig(), *, video_first: bool = False):
+        super().__init__(checkpoint, config)
+        self.video_first = video_first
 
     def prompt(self, instruction: str, video) -> dict[str, np.ndarray]:
         _, config, _ = self._load()
         visual = self._visual_of(video)
-        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=True), np.int32)
+        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first), np.int32)
         return self._common(ids, visual, video, config)
 
     def example(self, instruction: str, video, response: str, sample_id: str = "") -> dict[str, np.ndarray]:
         """A supervised example: prompt + response, `loss_mask` on the response tokens."""
         tokenizer, config, _ = self._load()
         visual = self._visual_of(video)
-        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=True)
+        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first)
         answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids = np.asarray(prompt + answer, np.int32)
         if ids.shape[0] > self.config.max_tokens:

@@ -119,7 +119,7 @@ def train_transform(config, checkpoint: str, train_samples):
         return grpo.RolloutTransform({s.id: i for i, s in enumerate(train_samples)})
     if config.method == "answer_sft":
         return grpo.WarmStartTransform(
-            ChatEncoder(checkpoint, encoder_config),
+            ChatEncoder(checkpoint, encoder_config, video_first=settings.video_first(config)),
             thinking=config.answer.thinking,
             inversion_fraction=config.warm_start.inversion_fraction,
             inversion_tasks=tuple(config.grpo.inversion_tasks),
