@@ -36,8 +36,8 @@ MECO_RECIPE = {
 PRESETS = {
     "model": {
         "tiny": {},
-        "qwen2_5_vl_3b": MECO_RECIPE,
-        "qwen2_5_vl_7b": MECO_RECIPE,
+        "qwen2_5_vl_3b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
     },
     "data": {
         "synthetic": {},
@@ -70,7 +70,12 @@ def get_config(arg=None):
     config.seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.checkpoint = ""  # HF checkpoint dir; "" builds the tiny default in the workdir
+    # A real model preset (model=qwen2_5_vl_7b) sets the recipe; its weights come from model.checkpoint,
+    # without which the run stops at once (jaxgrounding.training.experiment.checkpoint_name).
+    config.model.preset = "tiny"
+    # HF checkpoint: a directory or a hub id (Qwen/Qwen2.5-VL-7B-Instruct, resolved through the hub cache,
+    # HF_HUB_OFFLINE honoured); "" with the tiny preset builds the tiny default in the workdir.
+    config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
