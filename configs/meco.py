@@ -41,12 +41,15 @@ PRESETS = {
     },
     "data": {
         "synthetic": {},
+        # The README's "Datasets" section gives each preset's layout and where its files come from.
         "charades_sta": {
             "data.name": "charades_sta",
             "data.train_annotations": "charades_sta_train.txt",
             "data.eval_annotations": "charades_sta_test.txt",
-            "data.video_root": "videos",
-            "data.durations": "Charades_v1_test.csv",
+            "data.video_root": "Charades_v1_480",
+            # Each split's video lengths are in its own Charades csv.
+            "data.train_durations": "Charades_v1_train.csv",
+            "data.eval_durations": "Charades_v1_test.csv",
         },
         "qvhighlights": {
             "data.name": "qvhighlights",
@@ -98,7 +101,8 @@ def get_config(arg=None):
     config.data.train_annotations = ""
     config.data.eval_annotations = ""
     config.data.video_root = ""
-    config.data.durations = ""
+    config.data.train_durations = ""  # Charades-STA: the csv of video lengths ("" = probe each video)
+    config.data.eval_durations = ""
     config.data.fps = 1.0
     config.data.max_frames = 64
     config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)

@@ -69,17 +69,21 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     if not root:
         raise ValueError(f"data.name={config.data.name!r} needs --config.data.root=<dataset directory>")
 
-    def load(name):
+    def load(name, durations):
         path = os.path.join(root, name)
-        durations = os.path.join(root, config.data.durations) if config.data.durations else None
-        kwargs = {"durations": durations} if durations else {}
+        kwargs = {"durations": os.path.join(root, durations)} if durations else {}
         loaded = data_lib.load_annotations(
             path, config.data.name, video_root=os.path.join(root, config.data.video_root), **kwargs
         )
         log.info("%s: %d samples (%s)", path, len(loaded.samples), loaded.report)
+        if not loaded.samples:
+            raise ValueError(f"{path}: no usable sample ({loaded.report})")
         return loaded.samples
 
-    return load(config.data.train_annotations), load(config.data.eval_annotations)
+    return (
+        load(config.data.train_annotations, config.data.get("train_durations", "")),
+        load(config.data.eval_annotations, config.data.get("eval_durations", "")),
+    )
 
 
 def text_corpus(samples) -> list[str]:
