@@ -41,8 +41,8 @@ INVERT4TVG_RECIPE = {
 PRESETS = {
     "model": {
         "tiny": {},
-        "qwen2_5_vl_3b": INVERT4TVG_RECIPE,
-        "qwen2_5_vl_7b": INVERT4TVG_RECIPE,
+        "qwen2_5_vl_3b": INVERT4TVG_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": INVERT4TVG_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
     },
     "data": meco.PRESETS["data"],
     "recipe": {

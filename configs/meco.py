@@ -36,17 +36,20 @@ MECO_RECIPE = {
 PRESETS = {
     "model": {
         "tiny": {},
-        "qwen2_5_vl_3b": MECO_RECIPE,
-        "qwen2_5_vl_7b": MECO_RECIPE,
+        "qwen2_5_vl_3b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
     },
     "data": {
         "synthetic": {},
+        # The README's "Datasets" section gives each preset's layout and where its files come from.
         "charades_sta": {
             "data.name": "charades_sta",
             "data.train_annotations": "charades_sta_train.txt",
             "data.eval_annotations": "charades_sta_test.txt",
-            "data.video_root": "videos",
-            "data.durations": "Charades_v1_test.csv",
+            "data.video_root": "Charades_v1_480",
+            # Each split's video lengths are in its own Charades csv.
+            "data.train_durations": "Charades_v1_train.csv",
+            "data.eval_durations": "Charades_v1_test.csv",
         },
         "qvhighlights": {
             "data.name": "qvhighlights",
@@ -70,7 +73,12 @@ def get_config(arg=None):
     config.seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.checkpoint = ""  # HF checkpoint dir; "" builds the tiny default in the workdir
+    # A real model preset (model=qwen2_5_vl_7b) sets the recipe; its weights come from model.checkpoint,
+    # without which the run stops at once (jaxgrounding.training.experiment.checkpoint_name).
+    config.model.preset = "tiny"
+    # HF checkpoint: a directory or a hub id (Qwen/Qwen2.5-VL-7B-Instruct, resolved through the hub cache,
+    # HF_HUB_OFFLINE honoured); "" with the tiny preset builds the tiny default in the workdir.
+    config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
@@ -93,7 +101,8 @@ def get_config(arg=None):
     config.data.train_annotations = ""
     config.data.eval_annotations = ""
     config.data.video_root = ""
-    config.data.durations = ""
+    config.data.train_durations = ""  # Charades-STA: the csv of video lengths ("" = probe each video)
+    config.data.eval_durations = ""
     config.data.fps = 1.0
     config.data.max_frames = 64
     config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)

@@ -27,7 +27,11 @@ LONG_VIDEO_RECIPE = meco.MECO_RECIPE | {
 }
 
 PRESETS = {
-    "model": {"tiny": {}, "qwen2_5_vl_3b": LONG_VIDEO_RECIPE, "qwen2_5_vl_7b": LONG_VIDEO_RECIPE},
+    "model": {
+        "tiny": {},
+        "qwen2_5_vl_3b": LONG_VIDEO_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": LONG_VIDEO_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
+    },
     "data": meco.PRESETS["data"],
 }
 

@@ -41,6 +41,7 @@ _SHOWN = ("loss", "reward", "kl")
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training, then evaluates. `stop_after` ends the run after that step
     without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
+    experiment.checkpoint_name(config)  # a real model preset without a checkpoint stops here
     if "warm_start" in config and config.warm_start.steps:
         warm_workdir = os.path.join(workdir, "warm_start")
         if not os.path.isfile(os.path.join(warm_workdir, "eval_done")):

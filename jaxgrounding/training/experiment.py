@@ -20,6 +20,7 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data.synthetic_scenes import SceneConfig
 from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.model import hub
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
@@ -68,17 +69,21 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     if not root:
         raise ValueError(f"data.name={config.data.name!r} needs --config.data.root=<dataset directory>")
 
-    def load(name):
+    def load(name, durations):
         path = os.path.join(root, name)
-        durations = os.path.join(root, config.data.durations) if config.data.durations else None
-        kwargs = {"durations": durations} if durations else {}
+        kwargs = {"durations": os.path.join(root, durations)} if durations else {}
         loaded = data_lib.load_annotations(
             path, config.data.name, video_root=os.path.join(root, config.data.video_root), **kwargs
         )
         log.info("%s: %d samples (%s)", path, len(loaded.samples), loaded.report)
+        if not loaded.samples:
+            raise ValueError(f"{path}: no usable sample ({loaded.report})")
         return loaded.samples
 
-    return load(config.data.train_annotations), load(config.data.eval_annotations)
+    return (
+        load(config.data.train_annotations, config.data.get("train_durations", "")),
+        load(config.data.eval_annotations, config.data.get("eval_durations", "")),
+    )
 
 
 def text_corpus(samples) -> list[str]:
@@ -101,10 +106,28 @@ def text_corpus(samples) -> list[str]:
     return texts
 
 
+# The hub ids of the real model presets, named in the error a preset without a checkpoint stops with.
+PRESET_HUB_IDS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+
+def checkpoint_name(config) -> str:
+    """`config.model.checkpoint`. A real model preset without one stops here, before any data or model work:
+    the tiny random model it would otherwise build trains without error and means nothing."""
+    preset = config.model.get("preset", "tiny")
+    if preset != "tiny" and not config.model.checkpoint:
+        example = PRESET_HUB_IDS.get(preset, "<hub id>")
+        raise ValueError(
+            f"model={preset} sets that model's training recipe, not its weights: give the checkpoint with "
+            f"--config.model.checkpoint=<HF checkpoint directory> or a hub id ({example})"
+        )
+    return config.model.checkpoint
+
+
 def resolve_checkpoint(config, workdir: str, train_samples) -> str:
-    """The HF checkpoint directory; builds the tiny default into the workdir when none is given."""
-    if config.model.checkpoint:
-        return config.model.checkpoint
+    """The HF checkpoint directory (a hub id resolved through the hub cache); builds the tiny default into
+    the workdir when none is given."""
+    if checkpoint_name(config):
+        return hub.resolve(config.model.checkpoint)
     sizes = dict(config.model.get("tiny", {}))
     return build_tiny_checkpoint(
         os.path.join(workdir, "tiny_model"), text_corpus(train_samples), seed=config.seed, **sizes
@@ -207,7 +230,8 @@ def build_model(config, checkpoint: str, mesh=None):
 
 def restore_model(config, workdir: str):
     """(model, tokenizer, checkpoint dir, step) of the latest checkpoint in `workdir`."""
-    checkpoint_dir = config.model.checkpoint or os.path.join(workdir, "tiny_model")
+    name = checkpoint_name(config)
+    checkpoint_dir = hub.resolve(name) if name else os.path.join(workdir, "tiny_model")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir}: base checkpoint not found (was {workdir} trained?)")
     model, tokenizer = build_model(config, checkpoint_dir)
