@@ -38,15 +38,7 @@ usage() {
   echo "       $0 [--dry-run] --stop CLUSTER WORKLOAD" >&2
   exit 2
 }
-# --dry-run: each command on one line, every argument that needs it in single quotes (as shlex.quote).
-quote() {
-  local out=() a sq="'" esc="'\\''"
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+=("$a"); else out+=("'${a//$sq/$esc}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if ((DRY)); then quote "$@"; else "$@"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"  # run / quote
 
 if [[ "$MODE" == stop ]]; then
   [[ $# -eq 2 ]] || usage

@@ -33,15 +33,7 @@ usage() {
   echo "usage: $0 [--dry-run] TPU_NAME ZONE -- TRAIN_ARGS... | [--dry-run] --stop|--logs TPU_NAME ZONE" >&2
   exit 2
 }
-# --dry-run: each command on one line, every argument that needs it in single quotes (as shlex.quote).
-quote() {
-  local out=() a sq="'" esc="'\\''"
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+=("$a"); else out+=("'${a//$sq/$esc}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if ((DRY)); then quote "$@"; else "$@"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"  # run / quote
 
 [[ $# -ge 2 ]] || usage
 TPU="$1"; ZONE="$2"; shift 2
