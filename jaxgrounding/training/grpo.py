@@ -89,28 +89,25 @@ def _prompt_context(model: GroundingModel, arrays: dict, plan, streamed):
     = (BufferLayout, HVRConfig) the video is streamed into memory (`memory.streaming.stream_context`, the coarse
     stage: HVR only) and the question after the video attends to it."""
     llm = model.llm
-    config = llm.config
     if streamed is None:
-        inputs = batch_inputs({k: arrays[k] for k in PROMPT_KEYS}, config, plan)
-        ids, positions, mask = inputs.input_ids, inputs.positions, inputs.attention_mask
-        context = Memory.empty(config, ids.shape[0])
+        inputs = batch_inputs({k: arrays[k] for k in PROMPT_KEYS}, llm.config, plan)
+        embeds = llm.embed_inputs(inputs)
+        context = Memory.empty(llm.config, inputs.input_ids.shape[0])
     else:
         layout, hvr = streamed
         b, n = arrays["segment_valid"].shape[:2]
         context, _, _ = streaming_lib.stream_context(llm, layout, hvr, arrays, plan, jnp.zeros((b, n), bool))
-        question = streaming_lib.suffix_inputs(arrays)
-        ids, positions, mask = question.input_ids, question.positions, question.attention_mask
-    embeds = llm.embed_inputs(inputs) if streamed is None else llm.decoder.embed(ids)
-    final, _, (keys, values, _) = llm.decoder.attend(embeds, positions, mask, context)
-    t = ids.shape[1]
-    last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)
+        inputs = streaming_lib.suffix_inputs(arrays)  # the question after the video
+        embeds = llm.decoder.embed(inputs.input_ids)
+    mask = inputs.attention_mask
+    final, _, (keys, values, _) = llm.decoder.attend(embeds, inputs.positions, mask, context)
+    last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)
     memory = Memory(
         keys=jnp.concatenate([context.keys, keys.astype(context.keys.dtype)], axis=2),
         values=jnp.concatenate([context.values, values.astype(context.values.dtype)], axis=2),
         valid=jnp.concatenate([context.valid, mask], axis=1),
     )
-    next_position = (inputs if streamed is None else question).next_position
-    return memory, final[jnp.arange(ids.shape[0]), last], next_position
+    return memory, final[jnp.arange(mask.shape[0]), last], inputs.next_position
 
 
 def completion_logprobs(model: GroundingModel, arrays: dict, plan, num_samples: int, temperature: float, streamed=None):
