@@ -84,10 +84,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxgrounding.memory import streaming  # noqa: E402
 from jaxgrounding.memory.hvr import HVRConfig  # noqa: E402
+from jaxgrounding.model import presets  # noqa: E402
 from jaxgrounding.model.config import ModelConfig  # noqa: E402
 from jaxgrounding.model.decoder import Memory  # noqa: E402
 from jaxgrounding.model.positions import rope_positions  # noqa: E402
-from jaxgrounding.model.tiny import tiny_hf_config  # noqa: E402
 from jaxgrounding.model.video_llm import ModelInputs, VideoLLM  # noqa: E402
 from jaxgrounding.model.vision import vision_plan  # noqa: E402
 
@@ -130,7 +130,7 @@ def abstract(tree):
 
 
 def tiny_config(args) -> ModelConfig:
-    hf = tiny_hf_config(
+    hf = presets.tiny(
         TINY_IDS,
         TINY_VOCAB,
         hidden=args.hidden,
@@ -397,12 +397,7 @@ def compile_full(llm: VideoLLM, frames: int, args) -> dict:
 
 
 def qwen7b_config() -> ModelConfig:
-    bench_dir = os.path.dirname(os.path.abspath(__file__))
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    from sft_step import QWEN2_5_VL_7B  # the one 7B config.json of the benches
-
-    return ModelConfig.from_hf_dict(QWEN2_5_VL_7B, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+    return presets.model_config("qwen2_5_vl_7b", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
 
 
 # XLA:CPU has no native bfloat16 dot: it upcasts every bf16 operand to float32, and loop-invariant

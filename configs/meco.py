@@ -16,6 +16,7 @@ import ml_collections
 
 from jaxgrounding.config import apply_presets
 from jaxgrounding.data.synthetic_scenes import SceneConfig
+from jaxgrounding.model import presets
 
 # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5, frozen
 # vision tower, global batch 32, bf16 weights. The model size comes from --config.model.checkpoint.
@@ -73,8 +74,8 @@ def get_config(arg=None):
     config.model.checkpoint = ""  # HF checkpoint dir; "" builds the tiny default in the workdir
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
-    config.model.tiny = ml_collections.ConfigDict({"hidden": 128, "layers": 4, "vision_depth": 2, "vision_hidden": 64})
+    # Sizes of the tiny default model (jaxgrounding.model.presets.tiny), used when no checkpoint is given.
+    config.model.tiny = ml_collections.ConfigDict(presets.TINY_SIZES)
 
     config.trainable = ml_collections.ConfigDict()
     config.trainable.llm = "full"  # "full" | "lora" | "frozen"
