@@ -121,7 +121,7 @@ def bench_default(args) -> dict:
     from configs import meco
     from jaxgrounding import data as data_lib
     from jaxgrounding import settings
-    from jaxgrounding.tasks.encoding import StructuralEncoder
+    from jaxgrounding.tasks.encoding import EncoderConfig, StructuralEncoder
     from jaxgrounding.training import experiment
 
     config = meco.get_config()
@@ -129,7 +129,7 @@ def bench_default(args) -> dict:
     config.data.root = os.path.join(args.cache, "synthetic")
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=True))
+    encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=True))
     pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
     batches = iter(data_lib.make_pipeline(train, pipeline, encoder))
     model, tokenizer = experiment.build_model(config, checkpoint)

@@ -240,7 +240,7 @@ def run_streaming(llm: VideoLLM, frames: int, args) -> dict:
     n = -(-grids // s)
     cfg = streaming.StreamingConfig(
         segment_frames=s,
-        hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial),
+        hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial, impl="auto"),
         recent_segments=args.recent_segments,
         max_segments=n,
         dvr_placement=args.dvr_placement,
@@ -418,7 +418,7 @@ def estimate_points(args) -> list[dict]:
     for max_segments in args.estimate_segments:
         cfg = streaming.StreamingConfig(
             segment_frames=args.segment_frames,
-            hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial),
+            hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial, impl="auto"),
             recent_segments=args.recent_segments,
             max_segments=max_segments,
             dvr_placement="host",
@@ -501,7 +501,13 @@ def estimate(args) -> dict:
     kv_per_token = t.num_layers * t.num_kv_heads * t.head_dim * 2 * np.dtype(jnp.bfloat16).itemsize  # keys + values
     # The floor of this design: parameters plus the buffer alone, with no activations at all.
     layout = streaming.BufferLayout.build(
-        streaming.StreamingConfig(args.segment_frames, HVRConfig(args.temporal, args.spatial), args.recent_segments, 1),
+        streaming.StreamingConfig(
+            args.segment_frames,
+            HVRConfig(args.temporal, args.spatial, impl="auto"),
+            args.recent_segments,
+            1,
+            dvr_placement="auto",
+        ),
         args.prefix_tokens,
         per_grid,
     )

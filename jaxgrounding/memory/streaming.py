@@ -50,13 +50,28 @@ class StreamingConfig:
     segments a segment also sees in full (Video-XL-2 uses 3; 0 = HVR only);
     max_segments: capacity of the HVR buffer (longest video = max_segments * segment_frames
     grids); dvr_placement: where the DVR of past segments lives: "device", "pinned_host" (memory
-    kinds, GPU/TPU), "host" (numpy) or "auto" (pinned_host where the backend has it, else host)."""
+    kinds, GPU/TPU), "host" (numpy) or "auto" (pinned_host where the backend has it, else host).
+    Built from the config's `streaming` section (its values are the defaults: configs/meco.py)."""
 
-    segment_frames: int = 8
-    hvr: HVRConfig = HVRConfig()
-    recent_segments: int = 0
-    max_segments: int = 64
-    dvr_placement: str = "auto"
+    segment_frames: int
+    hvr: HVRConfig
+    recent_segments: int
+    max_segments: int
+    dvr_placement: str
+
+    @classmethod
+    def from_config(cls, config) -> StreamingConfig:
+        """The buffer holds the longest video the data section allows: data.max_frames frames, two per
+        temporal grid (Qwen-VL's temporal patch)."""
+        s = config.streaming
+        grids = -(-config.data.max_frames // 2)
+        return cls(
+            segment_frames=s.segment_frames,
+            hvr=HVRConfig(temporal=s.hvr_temporal, spatial=s.hvr_spatial, impl=s.hvr_impl),
+            recent_segments=s.recent_segments,
+            max_segments=-(-grids // s.segment_frames),
+            dvr_placement=s.dvr_placement,
+        )
 
     def __post_init__(self):
         if self.segment_frames % self.hvr.temporal:

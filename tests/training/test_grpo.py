@@ -16,9 +16,9 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data import padding
 from jaxgrounding.grounding_model import batch_inputs, batch_plan
-from jaxgrounding.objectives.lm import next_token_logprobs
+from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
 from jaxgrounding.tasks import timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig
 from jaxgrounding.train import train_and_evaluate
 from jaxgrounding.training import experiment, grpo
 
@@ -54,7 +54,7 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
     model, _ = experiment.build_model(config, checkpoint)
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False))
     videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
     prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
     arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
@@ -92,7 +92,9 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     }
     inputs = batch_inputs(full, model.llm.config, batch_plan(full, model.llm.config, (56, 56)))
     out = model.llm.forward(inputs, logits=False)
-    logp = np.asarray(next_token_logprobs(model.llm, out.last_hidden_state, jnp.asarray(full["input_ids"]), temperature=0.7))
+    ids = jnp.asarray(full["input_ids"])
+    head = lm_head_matrix(model.llm)
+    logp = np.asarray(token_logprobs(out.last_hidden_state[:, :-1], head, ids[:, 1:], temperature=0.7))
     for r in range(2 * g):
         at = prompt_lengths[r // g] - 1 + np.arange(lengths[r])
         np.testing.assert_allclose(got[r, : lengths[r]], logp[r, at], atol=2e-5, err_msg=f"row {r}")
