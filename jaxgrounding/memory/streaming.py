@@ -496,13 +496,26 @@ class StreamedVideo:
     frame_valid: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
-def _start(graphdef, state, layout, prefix_ids, prefix_positions, prefix_valid):
+# The two compiled programs of streaming inference, over (graphdef, state) from `nnx.split(llm)`. keep_unused:
+# parameters a step never reads (the LM head; the embedding table in the segment step) stay arguments, so the
+# compiled step's memory analysis counts every parameter, as the device holds them all (bench/streaming.py).
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), keep_unused=True)
+def stream_start(graphdef, state, layout: BufferLayout, prefix_ids, prefix_positions, prefix_valid) -> Memory:
+    """Jitted `start_memory`: prefix_ids, prefix_valid [B, Tp]; prefix_positions [3, B, Tp]."""
     return start_memory(nnx.merge(graphdef, state), layout, prefix_ids, prefix_positions, prefix_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "hvr"), donate_argnames=("memory",))
-def _step(graphdef, state, layout, hvr, memory, index, pixels, plan, positions, valid):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "layout", "hvr"), donate_argnames=("memory",), keep_unused=True
+)
+def stream_segment(
+    graphdef, state, layout: BufferLayout, hvr: HVRConfig, memory: Memory, index, pixels, plan, positions, valid
+) -> tuple[Memory, SegmentOutput]:
+    """Jitted vision tower (`embed_frames`) + `segment_step` for one segment; the memory buffer is donated, so
+    the running buffer exists once on device. pixels: [B, S*h*w, patch_dim]; positions: [3, B, S*P]; valid:
+    [B, S*P]; plan: `plan_for(..., batch=B)`."""
     llm = nnx.merge(graphdef, state)
     embeds = embed_frames(llm, pixels, plan)
     return segment_step(llm, layout, hvr, memory, index, embeds, positions, valid)
@@ -520,7 +533,7 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
         config, arrays["prefix_ids"].shape[1], arrays["segment_valid"].shape[2] // config.segment_frames
     )
     plan = plan_for(llm.config, config, frame_size, b)
-    memory = _start(
+    memory = stream_start(
         graphdef,
         state,
         layout,
@@ -536,7 +549,7 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
 
         segments = tqdm(segments, desc="streaming segments", leave=False)
     for i in segments:
-        memory, out = _step(
+        memory, out = stream_segment(
             graphdef,
             state,
             layout,
