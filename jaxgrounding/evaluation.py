@@ -20,7 +20,7 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import inference, metrics, settings
 from jaxgrounding.grounding_model import GroundingModel
 from jaxgrounding.inference import AssignmentConfig
-from jaxgrounding.memory.streaming import StreamingConfig
+from jaxgrounding.memory.layout import StreamingConfig
 from jaxgrounding.sampling import SamplingConfig
 from jaxgrounding.tasks import inversion, rewards, timestamps
 from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig

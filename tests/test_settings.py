@@ -8,7 +8,7 @@ import pytest
 from configs import invert4tvg, meco, timescope
 from jaxgrounding.inference import AssignmentConfig
 from jaxgrounding.memory.hvr import HVRConfig
-from jaxgrounding.memory.streaming import StreamingConfig
+from jaxgrounding.memory.layout import StreamingConfig
 from jaxgrounding.sampling import SamplingConfig
 from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
 from jaxgrounding.tasks.encoding import EncoderConfig
