@@ -73,6 +73,7 @@ def get_config(arg=None):
     config.warm_start = ml_collections.ConfigDict()
     config.warm_start.steps = 500
     config.warm_start.learning_rate = 1e-3
+    config.warm_start.warmup_fraction = 0.03
     config.warm_start.inversion_fraction = 0.2  # share of warm-start examples that are inversion tasks
 
     config.grpo = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import ml_collections
 
 from jaxgrounding.config import apply_presets
 from jaxgrounding.data.synthetic_scenes import SceneConfig
+from jaxgrounding.model import presets
 
 # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5, frozen
 # vision tower, global batch 32, bf16 weights. The model size comes from --config.model.checkpoint.
@@ -81,8 +82,8 @@ def get_config(arg=None):
     config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
-    config.model.tiny = ml_collections.ConfigDict({"hidden": 128, "layers": 4, "vision_depth": 2, "vision_hidden": 64})
+    # Sizes of the tiny default model (jaxgrounding.model.presets.tiny), used when no checkpoint is given.
+    config.model.tiny = ml_collections.ConfigDict(presets.TINY_SIZES)
 
     config.trainable = ml_collections.ConfigDict()
     config.trainable.llm = "full"  # "full" | "lora" | "frozen"
@@ -107,14 +108,35 @@ def get_config(arg=None):
     config.data.max_frames = 64
     config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)
     config.data.workers = 0  # grain decode processes (0 = in the training process)
+    config.data.synthetic_name = "synthetic"  # directory of the built-in set (next to the workdir)
     config.data.synthetic_train_videos = 500
     config.data.synthetic_eval_videos = 100
     # jaxgrounding.data.synthetic_scenes.SceneConfig of the synthetic set; every field is listed, so
     # each can be overridden from the command line (--config.data.scene.object_scale=0.2).
-    # The default family is the learnable one: transient events (every frame of a window shows the
-    # change on its own) and a 2 x 2 layout that puts each resting object in one of the 2 x 2 visual
-    # tokens of a 56-px frame. The older state changes: transient=False, grid=3, object_scale=0.13.
+    # The family is the learnable one: transient events (every frame of a window shows the change on
+    # its own) and a 2 x 2 layout that puts each resting object in one of the 2 x 2 visual tokens of a
+    # 56-px frame.
     config.data.scene = ml_collections.ConfigDict(dataclasses.asdict(SceneConfig()))
+
+    # How a prompt runs through the decoder in training and evaluation: "full" (one causal pass) or
+    # "streaming" (TimeScope: segment by segment into HVR/DVR memory, coarse-to-fine grounding, configs/timescope.py).
+    config.memory = "full"
+
+    # TimeScope's streaming memory: used with memory="streaming", and by `ground --memory streaming` for any
+    # model. The buffer holds data.max_frames (max_segments = data.max_frames / 2 / segment_frames).
+    config.streaming = ml_collections.ConfigDict()
+    config.streaming.segment_frames = 8  # temporal grids per segment (16 frames)
+    config.streaming.hvr_temporal = 4  # r: grids pooled into one HVR grid
+    config.streaming.hvr_spatial = 1  # tokens pooled within a grid
+    config.streaming.hvr_impl = "auto"  # Pallas kernel on GPU/TPU, jnp reference on CPU
+    config.streaming.recent_segments = 0  # preceding segments a segment also sees in full (Video-XL-2: 3)
+    config.streaming.dvr_placement = "auto"  # device | pinned_host | host | auto
+
+    config.coarse_to_fine = ml_collections.ConfigDict()
+    config.coarse_to_fine.margin = 4.0  # seconds around the coarse window
+    config.coarse_to_fine.max_reload_segments = 4
+    config.coarse_to_fine.fine_fraction = 0.5  # streamed training samples built as fine-stage samples
+    config.coarse_to_fine.jitter = 0.5
 
     config.encoder = ml_collections.ConfigDict()
     config.encoder.task = "grounding"

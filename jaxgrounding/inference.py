@@ -33,9 +33,17 @@ from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
 
 @dataclasses.dataclass(frozen=True)
 class AssignmentConfig:
-    threshold: float | None = 0.7
-    dilation: int = 1
-    nms_iou: float = 0.7
+    """How structural-token similarities become windows (`tasks.structural.assign_windows`); built from the
+    config's `assignment` section (its values are the defaults: configs/meco.py). threshold None: no threshold."""
+
+    threshold: float | None
+    dilation: int
+    nms_iou: float
+
+    @classmethod
+    def from_config(cls, config) -> AssignmentConfig:
+        a = config.assignment
+        return cls(threshold=a.threshold or None, dilation=a.dilation, nms_iou=a.nms_iou)
 
 
 @dataclasses.dataclass
@@ -62,7 +70,7 @@ def predict(
     tokenizer,
     frame_size,
     sampling_config: sampling.SamplingConfig,
-    assignment: AssignmentConfig = AssignmentConfig(),
+    assignment: AssignmentConfig,
     rng=None,
 ) -> list[Prediction]:
     """Predictions for the valid rows of one prompt batch."""

@@ -67,7 +67,7 @@ def test_tpu_worker_starts_detached_with_its_log_and_stops_on_sigterm(tmp_path):
     (home / "src" / "README.md").write_text("checkout\n")
     subprocess.run(["tar", "-czf", str(home / "jaxgrounding.tar.gz"), "-C", str(home / "src"), "."], check=True)
     # uv makes a virtualenv whose python records its arguments and, on SIGTERM, that it was asked to stop.
-    _stub(home / ".local" / "bin" / "uv", f"""
+    _stub(home / ".local" / "bin" / "uv", """
 if [ "$1" = venv ]; then mkdir -p .venv/bin; cat > .venv/bin/python <<'PY'
 #!/usr/bin/env bash
 trap 'echo TERM > "$HOME/stopped"; exit 0' TERM

@@ -39,17 +39,28 @@ class EncoderConfig:
     (multiples of 28); max_tokens: longest sequence allowed; random_instruction: draw the
     instruction phrasing at random (training) or take the first (evaluation)."""
 
-    task: str = "grounding"
-    frame_size: tuple[int, int] = (56, 56)
-    max_tokens: int = 2048
-    random_instruction: bool = True
-    seed: int = 0
+    task: str
+    frame_size: tuple[int, int]
+    max_tokens: int
+    random_instruction: bool
+    seed: int
+
+    @classmethod
+    def from_config(cls, config, *, train: bool) -> EncoderConfig:
+        """From the config's `encoder` and `data` sections (configs/meco.py); training draws its phrasings."""
+        return cls(
+            task=config.encoder.task,
+            frame_size=tuple(config.data.frame_size),
+            max_tokens=config.encoder.max_tokens,
+            random_instruction=train,
+            seed=config.seed,
+        )
 
 
 class StructuralEncoder:
     """Picklable (grain workers): holds the checkpoint path, loads tokenizer and config lazily."""
 
-    def __init__(self, checkpoint: str, config: EncoderConfig = EncoderConfig()):
+    def __init__(self, checkpoint: str, config: EncoderConfig):
         self.checkpoint = checkpoint
         self.config = config
         self._loaded = None
@@ -192,7 +203,7 @@ class ChatEncoder(StructuralEncoder):
     `video_first`: the video before the instruction instead, as a streamed prompt needs (TimeScope streams the
     video into memory, then asks)."""
 
-    def __init__(self, checkpoint: str, config: EncoderConfig = EncoderConfig(), *, video_first: bool = False):
+    def __init__(self, checkpoint: str, config: EncoderConfig, *, video_first: bool = False):
         super().__init__(checkpoint, config)
         self.video_first = video_first
 

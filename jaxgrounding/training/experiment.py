@@ -25,8 +25,7 @@ from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
 from jaxgrounding.tasks import inversion, templates, timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder, StructuralEncoder
-from jaxgrounding.training import optim
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEncoder
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 from jaxgrounding.training import grpo, sft  # noqa: F401  (register the methods' objectives)
 from jaxgrounding.training.trainer import Trainer, TrainerConfig, make_objective
@@ -52,7 +51,7 @@ def first_process_first(fn):
 
 def synthetic_root(config, workdir: str) -> str:
     # Configs with different scene families (short MeCo clips, long TimeScope videos) keep apart.
-    name = config.data.get("synthetic_name", "synthetic")
+    name = config.data.synthetic_name
     return config.data.root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", name)
 
 
@@ -61,7 +60,7 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     if config.data.name == "synthetic":
         synthetic = data_lib.SyntheticConfig(
             splits=(("train", config.data.synthetic_train_videos), ("val", config.data.synthetic_eval_videos)),
-            scene=SceneConfig(**dict(config.data.get("scene", {}))),
+            scene=SceneConfig(**dict(config.data.scene)),
         )
         splits = data_lib.ensure_synthetic_dataset(synthetic_root(config, workdir), synthetic)
         return splits["train"], splits["val"]
@@ -113,7 +112,7 @@ PRESET_HUB_IDS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b
 def checkpoint_name(config) -> str:
     """`config.model.checkpoint`. A real model preset without one stops here, before any data or model work:
     the tiny random model it would otherwise build trains without error and means nothing."""
-    preset = config.model.get("preset", "tiny")
+    preset = config.model.preset
     if preset != "tiny" and not config.model.checkpoint:
         example = PRESET_HUB_IDS.get(preset, "<hub id>")
         raise ValueError(
@@ -128,7 +127,7 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
     the workdir when none is given."""
     if checkpoint_name(config):
         return hub.resolve(config.model.checkpoint)
-    sizes = dict(config.model.get("tiny", {}))
+    sizes = dict(config.model.tiny)
     return build_tiny_checkpoint(
         os.path.join(workdir, "tiny_model"), text_corpus(train_samples), seed=config.seed, **sizes
     )
@@ -137,7 +136,7 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
 def train_transform(config, checkpoint: str, train_samples):
     """The pipeline transform of `config.method`: MeCo's structural examples, answer-format examples (the
     warm start of Invert4TVG), or GRPO's decoded frames (its prompts are built per step)."""
-    encoder_config = settings.encoder_config(config, train=True)
+    encoder_config = EncoderConfig.from_config(config, train=True)
     if config.method == "invert4tvg":
         return grpo.RolloutTransform({s.id: i for i, s in enumerate(train_samples)})
     if config.method == "answer_sft":
@@ -163,7 +162,7 @@ def warm_start_config(config):
         warm.train.log_every = 50
         warm.train.checkpoint_every = config.warm_start.steps
         warm.optimizer.learning_rate = config.warm_start.learning_rate
-        warm.optimizer.warmup_fraction = 0.03
+        warm.optimizer.warmup_fraction = config.warm_start.warmup_fraction
     return warm
 
 
@@ -180,28 +179,11 @@ def after_warm_start(config, warm_workdir: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def trainer_config(config) -> TrainerConfig:
-    return TrainerConfig(
-        accumulate=config.train.accumulate,
-        trainable=optim.TrainableConfig(
-            llm=config.trainable.llm, vision=config.trainable.vision, embeddings=config.trainable.embeddings
-        ),
-        optimizer=optim.OptimizerConfig(
-            learning_rate=config.optimizer.learning_rate,
-            lora_learning_rate=config.optimizer.lora_learning_rate,
-            warmup_fraction=config.optimizer.warmup_fraction,
-            weight_decay=config.optimizer.weight_decay,
-            grad_clip=config.optimizer.grad_clip,
-            total_steps=config.train.steps,
-        ),
-    )
-
-
 def build_trainer(config, model: GroundingModel, tokenizer, checkpoint: str, samples=(), mesh=None) -> Trainer:
     """The trainer of `config.method`'s registered objective for `model` (`checkpoint`: the base checkpoint
     directory; `samples`: the training samples, which GRPO looks its rollout prompts up in)."""
     objective = make_objective(config.method, config, model.llm.config, checkpoint, samples)
-    return Trainer(model, objective, trainer_config(config), [tokenizer.ent_id, tokenizer.tst_id], mesh=mesh)
+    return Trainer(model, objective, TrainerConfig.from_config(config), [tokenizer.ent_id, tokenizer.tst_id], mesh=mesh)
 
 
 def build_model(config, checkpoint: str, mesh=None):
@@ -217,7 +199,7 @@ def build_model(config, checkpoint: str, mesh=None):
             rank=config.lora.rank,
             alpha=config.lora.alpha,
             targets=tuple(config.lora.targets),
-            dropout=config.lora.get("dropout", 0.0),
+            dropout=config.lora.dropout,
             seed=config.seed,
         )
     return GroundingModel(llm, rngs=nnx.Rngs(config.seed)), tokenizer

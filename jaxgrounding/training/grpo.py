@@ -50,7 +50,7 @@ from jaxgrounding.model.lora import adapters_disabled
 from jaxgrounding.objectives import grpo as grpo_lib
 from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
 from jaxgrounding.tasks import inversion, rewards, timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder, clip
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, clip
 from jaxgrounding.training.trainer import register_objective
 
 # Keys of the prompt arrays (one row per prompt) and of the completion arrays (one row per sample).
@@ -420,14 +420,14 @@ def grpo_config(config) -> GRPOConfig:
         iou=g.iou,
         thinking=config.answer.thinking,
         seed=config.seed,
-        streaming=settings.streaming_config(config),
+        streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
     )
 
 
 @register_objective("invert4tvg")
 def grpo_objective(config, model_config: ModelConfig, checkpoint: str, samples) -> GRPO:
     encoder = ChatEncoder(
-        checkpoint, settings.encoder_config(config, train=True), video_first=settings.video_first(config)
+        checkpoint, EncoderConfig.from_config(config, train=True), video_first=settings.video_first(config)
     )
     tokenizer = encoder.tokenizer
     end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]

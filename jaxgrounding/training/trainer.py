@@ -84,6 +84,14 @@ class TrainerConfig:
     trainable: optim.TrainableConfig
     optimizer: optim.OptimizerConfig
 
+    @classmethod
+    def from_config(cls, config) -> TrainerConfig:
+        return cls(
+            accumulate=config.train.accumulate,
+            trainable=optim.TrainableConfig.from_config(config),
+            optimizer=optim.OptimizerConfig.from_config(config),
+        )
+
 
 class Trainer:
     """The train state (trainable params, optimizer state; frozen params are never copied into the optimizer) and

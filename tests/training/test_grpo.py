@@ -8,7 +8,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -19,9 +18,9 @@ from jaxgrounding.data import padding
 from jaxgrounding.grounding_model import batch_inputs, batch_plan
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
-from jaxgrounding.objectives.lm import next_token_logprobs
+from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
 from jaxgrounding.tasks import timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig
 from jaxgrounding.train import train_and_evaluate
 from jaxgrounding.training import experiment, grpo
 
@@ -57,7 +56,7 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
     model, _ = experiment.build_model(config, checkpoint)
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False))
     videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
     prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
     arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
@@ -95,7 +94,9 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     }
     inputs = batch_inputs(full, model.llm.config, batch_plan(full, model.llm.config, (56, 56)))
     out = model.llm.forward(inputs, logits=False)
-    logp = np.asarray(next_token_logprobs(model.llm, out.last_hidden_state, jnp.asarray(full["input_ids"]), temperature=0.7))
+    ids = jnp.asarray(full["input_ids"])
+    head = lm_head_matrix(model.llm)
+    logp = np.asarray(token_logprobs(out.last_hidden_state[:, :-1], head, ids[:, 1:], temperature=0.7))
     for r in range(2 * g):
         at = prompt_lengths[r // g] - 1 + np.arange(lengths[r])
         np.testing.assert_allclose(got[r, : lengths[r]], logp[r, at], atol=2e-5, err_msg=f"row {r}")
@@ -108,7 +109,7 @@ def test_streamed_completion_logprobs_equal_the_whole_prompts_at_r1(tmp_path):
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
     model, _ = experiment.build_model(config, checkpoint)
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False), video_first=True)
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False), video_first=True)
     videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
     prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
     arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
@@ -120,7 +121,10 @@ def test_streamed_completion_logprobs_equal_the_whole_prompts_at_r1(tmp_path):
         model, arrays | completion, batch_plan(arrays, model.llm.config, (56, 56)), g, temperature=1.0
     )
 
-    cfg = streaming_lib.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1), max_segments=8)
+    cfg = streaming_lib.StreamingConfig(
+        segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1, impl="auto"), recent_segments=0, max_segments=8,
+        dvr_placement="auto",
+    )
     cut = streaming_lib.split_batch(arrays, model.llm.config, cfg, (56, 56))
     segments = cut["segment_valid"].shape[1]
     layout = streaming_lib.BufferLayout.build(cfg, cut["prefix_ids"].shape[1], cut["segment_valid"].shape[2] // 2)
@@ -135,17 +139,8 @@ def test_grpo_over_the_streamed_memory_trains(tmp_path, monkeypatch):
     stand-in reward that varies within each group, the completion's length, gives the advantages)."""
     monkeypatch.setattr(grpo.rewards, "task_rewards", lambda text, sample, task, **_: {"length": float(len(text) % 3)})
     config = micro_config(tmp_path / "data")
-    config.streaming = ml_collections.ConfigDict(
-        {
-            "segment_frames": 2,
-            "hvr_temporal": 2,
-            "hvr_spatial": 1,
-            "hvr_impl": "auto",
-            "recent_segments": 0,
-            "max_segments": 4,
-            "dvr_placement": "auto",
-        }
-    )
+    config.memory = "streaming"
+    config.streaming.update(segment_frames=2, hvr_temporal=2)
     config.warm_start.steps = 0
     config.train.steps = 2
     config.grpo.num_iterations = 1
