@@ -19,35 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrounding.model import ModelConfig, VideoLLM
+from jaxgrounding.model import ModelConfig, VideoLLM, presets
 from lm_step import lm_train_step  # bench/lm_step.py: the step both model benchmarks time
 
 
 def config_for(depth: int) -> ModelConfig:
-    hf = {
-        "model_type": "qwen2_5_vl",
-        "image_token_id": 1020,
-        "video_token_id": 1021,
-        "vision_start_token_id": 1022,
-        "text_config": {
-            "vocab_size": 1024,
-            "hidden_size": 256,
-            "intermediate_size": 768,
-            "num_hidden_layers": depth,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rope_parameters": {"mrope_section": [8, 12, 12], "rope_theta": 1e6},
-        },
-        "vision_config": {
-            "depth": 2,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 2,
-            "out_hidden_size": 256,
-            "fullatt_block_indexes": [1],
-        },
-    }
-    return ModelConfig.from_hf_dict(hf)
+    """The tiny preset at width 256 (8 heads of 32, MLP 768, vocabulary 1024) with `depth` decoder layers."""
+    return ModelConfig.from_hf_dict(presets.tiny(hidden=256, layers=depth))
 
 
 def compile_seconds(depth: int, batch: int, seq: int) -> float:

@@ -116,7 +116,8 @@ def bench_jax(model, ids: np.ndarray, new_tokens: int, repeats: int, num_samples
     from jaxgrounding import sampling
 
     inputs = jm.ModelInputs.for_text(jax.numpy.asarray(ids))
-    config = sampling.SamplingConfig(max_new_tokens=new_tokens, **{k: v for k, v in sample.items() if k != "logprobs"})
+    settings = {"temperature": 0.0, "top_p": 1.0} | {k: v for k, v in sample.items() if k != "logprobs"}
+    config = sampling.SamplingConfig(max_new_tokens=new_tokens, **settings)
 
     def run(config=config):
         gen = sampling.generate(

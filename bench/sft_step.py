@@ -30,46 +30,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jaxgrounding import parallel  # noqa: E402
-from jaxgrounding.model.config import ModelConfig  # noqa: E402
-from jaxgrounding.model.lora import apply_lora  # noqa: E402
-from jaxgrounding.model.video_llm import VideoLLM  # noqa: E402
-from jaxgrounding.training import optim  # noqa: E402
-from jaxgrounding.grounding_model import GroundingModel  # noqa: E402
-from jaxgrounding.training.sft import SFT, SFTConfig  # noqa: E402
-from jaxgrounding.training.trainer import Trainer, TrainerConfig  # noqa: E402
-
-QWEN2_5_VL_7B = {
-    "model_type": "qwen2_5_vl",
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "tie_word_embeddings": False,
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "vision_config": {
-        "depth": 32,
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "out_hidden_size": 3584,
-        "patch_size": 14,
-        "window_size": 112,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "tokens_per_second": 2,
-    },
-}
+from jaxgrounding import parallel
+from jaxgrounding.model import presets
+from jaxgrounding.model.lora import apply_lora
+from jaxgrounding.model.video_llm import VideoLLM
+from jaxgrounding.training import optim
+from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.training.sft import SFT, SFTConfig
+from jaxgrounding.training.trainer import Trainer, TrainerConfig
 
 
 def memory(compiled) -> dict:
@@ -83,8 +51,8 @@ def memory(compiled) -> dict:
 
 def bench_7b(args) -> dict:
     mesh = parallel.make_mesh(data=1, fsdp=args.fsdp, tensor=args.tensor)
-    config = ModelConfig.from_hf_dict(
-        QWEN2_5_VL_7B, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, remat_policy=args.remat
+    config = presets.model_config(
+        "qwen2_5_vl_7b", param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, remat_policy=args.remat
     )
 
     def make():
@@ -153,7 +121,7 @@ def bench_default(args) -> dict:
     from configs import meco
     from jaxgrounding import data as data_lib
     from jaxgrounding import settings
-    from jaxgrounding.tasks.encoding import StructuralEncoder
+    from jaxgrounding.tasks.encoding import EncoderConfig, StructuralEncoder
     from jaxgrounding.training import experiment
 
     config = meco.get_config()
@@ -161,7 +129,7 @@ def bench_default(args) -> dict:
     config.data.root = os.path.join(args.cache, "synthetic")
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=True))
+    encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=True))
     pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
     batches = iter(data_lib.make_pipeline(train, pipeline, encoder))
     model, tokenizer = experiment.build_model(config, checkpoint)

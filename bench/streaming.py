@@ -5,12 +5,15 @@
 
 Prints one JSON line per (mode, frames), then one "estimate" line.
 
-mode "streaming": the video is cut into segments of `--segment-frames` temporal grids (one grid =
-2 video frames for Qwen) and run through `jaxgrounding.memory.streaming`: `start_memory` on the
-text prefix, then the jitted `segment_step` (vision tower on the segment + decoder against the
-fixed-size memory buffer, HVR pooled into it) once per segment, the memory buffer donated from
-step to step. The buffer is preallocated for `max_segments` = ceil(grids / segment_frames): just
-what this video needs, so the peak reflects the video length.
+mode "streaming": the library's own streaming inference, `jaxgrounding.memory.streaming`: the prompt
+(a one-row pipeline batch) is cut by `split_batch` into prefix / segments of `--segment-frames` temporal
+grids (one grid = 2 video frames for Qwen) / suffix, and `stream_prompt` runs it: the jitted
+`stream_start` on the text prefix, then the jitted `stream_segment` (vision tower on the segment +
+decoder against the fixed-size memory buffer, HVR pooled into it) once per segment, the memory buffer
+donated from step to step, the DVR handed to `DVRStore`. The two steps are compiled first (their
+memory analysis is the figure; `stream_prompt` then reuses the compiled programs). The buffer is
+preallocated for `max_segments` = ceil(grids / segment_frames): just what this video needs, so the peak
+reflects the video length.
 mode "full": the whole prompt (prefix + every visual token + a short suffix), vision tower over
 all frames and decoder over the whole sequence, compiled only (it would not run at 2048 frames
 here), "seconds": null and "compiled_only": true. It is `VideoLLM.forward` with two changes:
@@ -34,18 +37,20 @@ Figures (all bytes):
  - host_bytes: the DVR (full-resolution keys + values of every segment) moved off the device after
    each step by `streaming.DVRStore` (--dvr-placement auto = numpy on CPU, pinned host memory on
    GPU/TPU); 0 with device, where it is in resident_bytes instead.
- - seconds (streaming): wall time of running the prefix and every segment on this machine after
-   compilation (compile time separately in compile_seconds), random pixels, batch 1;
-   seconds_per_segment = segment steps only.
+ - seconds (streaming): wall time of `stream_prompt` (the prefix and every segment, DVR moved to
+   its placement, frame states fetched) on this machine after compilation (compile time separately
+   in compile_seconds), batch 1, all-zero pixels (the programs do the same work for any pixels);
+   seconds_per_segment = seconds / segments.
  - ratio_to_full: streaming peak / full peak at the same frames (on the full line too).
  - growth_vs_first: peak(frames) / peak(first --frames value), next to frames_ratio, the ratio of
    the frame counts: streaming should grow far slower than the frames (only the buffer grows),
    full attention quadratically.
 
 Estimate (--estimate-24gb, on by default; --no-estimate-24gb skips it): a Qwen2.5-VL-7B-shaped
-model (bench/sft_step.py's config, abstract parameters via `nnx.eval_shape`: nothing allocated),
+model (`--estimate-model`, a `jaxgrounding.model.presets` name; abstract parameters via `nnx.eval_shape`:
+nothing allocated),
 bfloat16 parameters and compute, 252x448 frames (144 tokens per grid), the same segment / HVR
-settings, DVR on the host. The segment step is compiled (not run) for each --estimate-segments
+settings, DVR on the host. `stream_segment` is compiled (not run) for each --estimate-segments
 value; its peak (parameters included: they are arguments of the step and live on device) is
 linear in max_segments (the buffer and the attention over it), so peak = a + b * max_segments is
 fitted (fit_max_residual_bytes: the worst point's distance from the line) and solved for the
@@ -80,28 +85,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jaxgrounding.memory import streaming  # noqa: E402
-from jaxgrounding.memory.hvr import HVRConfig  # noqa: E402
-from jaxgrounding.model.config import ModelConfig  # noqa: E402
-from jaxgrounding.model.decoder import Memory  # noqa: E402
-from jaxgrounding.model.positions import rope_positions  # noqa: E402
-from jaxgrounding.model.tiny import tiny_hf_config  # noqa: E402
-from jaxgrounding.model.video_llm import ModelInputs, VideoLLM  # noqa: E402
-from jaxgrounding.model.vision import vision_plan  # noqa: E402
+from jaxgrounding.memory import streaming
+from jaxgrounding.memory.hvr import HVRConfig
+from jaxgrounding.model import presets
+from jaxgrounding.model.config import ModelConfig
+from jaxgrounding.model.decoder import Memory
+from jaxgrounding.model.positions import rope_positions
+from jaxgrounding.model.video_llm import ModelInputs, VideoLLM
+from jaxgrounding.model.vision import vision_plan
 
 GIB = 1 << 30
-# Token ids of the tiny model (any ids below the vocabulary that differ from each other).
-TINY_VOCAB = 1024
-TINY_IDS = {
-    "<|image_pad|>": 1000,
-    "<|video_pad|>": 1001,
-    "<|vision_start|>": 1002,
-    "<|vision_end|>": 1003,
-    "<|endoftext|>": 1004,
-    "<|im_end|>": 1005,
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -130,9 +123,7 @@ def abstract(tree):
 
 
 def tiny_config(args) -> ModelConfig:
-    hf = tiny_hf_config(
-        TINY_IDS,
-        TINY_VOCAB,
+    hf = presets.tiny(
         hidden=args.hidden,
         layers=args.layers,
         vision_depth=args.vision_depth,
@@ -171,7 +162,7 @@ def prompt(config: ModelConfig, grids: int, frame_size, prefix: int, suffix: int
     v = config.vision
     _, per_grid = frame_geometry(config, frame_size)
     rng = np.random.default_rng(0)
-    text = lambda n: rng.integers(0, min(TINY_IDS.values()), size=n)  # noqa: E731
+    text = lambda n: rng.integers(0, min(presets.TINY_TOKEN_IDS.values()), size=n)  # noqa: E731
     vision_end = int(config.hf_config.get("vision_end_token_id", config.vision_start_token_id + 1))
     ids = np.concatenate(
         [
@@ -192,112 +183,92 @@ def prompt(config: ModelConfig, grids: int, frame_size, prefix: int, suffix: int
 # ------------------------------------------------------------------------------------------------
 
 
-def streaming_steps(graphdef, layout: streaming.BufferLayout, hvr: HVRConfig):
-    """Jitted prefix and segment steps over the split model's state; the memory buffer is donated to
-    the segment step, so the running buffer exists once on device."""
-
-    def start(state, prefix_ids, prefix_positions, prefix_valid):
-        llm = nnx.merge(graphdef, state)
-        return streaming.start_memory(llm, layout, prefix_ids, prefix_positions, prefix_valid)
-
-    def segment(state, memory, index, pixels, plan, positions, valid):
-        # What `streaming.stream_prompt` runs per segment: the tower on the segment's frames, then
-        # the decoder over the memory.
-        llm = nnx.merge(graphdef, state)
-        embeds = streaming.embed_frames(llm, pixels, plan)
-        return streaming.segment_step(llm, layout, hvr, memory, index, embeds, positions, valid)
-
-    # keep_unused: parameters the step never reads (the LM head, the embedding table) stay
-    # arguments, so they are counted: they live on device all the same.
-    return jax.jit(start, keep_unused=True), jax.jit(segment, donate_argnums=(1,), keep_unused=True)
+def streaming_config(args, max_segments: int, dvr_placement: str) -> streaming.StreamingConfig:
+    return streaming.StreamingConfig(
+        segment_frames=args.segment_frames,
+        hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial, impl="auto"),
+        recent_segments=args.recent_segments,
+        max_segments=max_segments,
+        dvr_placement=dvr_placement,
+    )
 
 
-def segment_args(config, cfg: streaming.StreamingConfig, layout, frame_size, batch: int = 1):
-    """Abstract (memory, index, pixels, positions, valid) of one segment step."""
+def segment_memory(config: ModelConfig, layout: streaming.BufferLayout, batch: int = 1) -> Memory:
+    """The abstract memory buffer `stream_start` returns and `stream_segment` takes."""
     t = config.text
-    patches, _ = frame_geometry(config, frame_size)
     shape = (t.num_layers, batch, layout.size, t.num_kv_heads, t.head_dim)
-    memory = Memory(
+    return Memory(
         keys=jax.ShapeDtypeStruct(shape, config.compute_dtype),
         values=jax.ShapeDtypeStruct(shape, config.compute_dtype),
         valid=jax.ShapeDtypeStruct((batch, layout.size), jnp.bool_),
     )
+
+
+def segment_args(config: ModelConfig, cfg: streaming.StreamingConfig, layout, frame_size, batch: int = 1) -> tuple:
+    """Abstract (memory, index, pixels, plan, positions, valid) of one `stream_segment` call."""
+    patches, _ = frame_geometry(config, frame_size)
     tokens = cfg.segment_frames * layout.tokens_per_frame
     return (
-        memory,
+        segment_memory(config, layout, batch),
         jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((batch, cfg.segment_frames * patches, config.vision.patch_dim), jnp.float32),
+        streaming.plan_for(config, cfg, frame_size, batch),
         jax.ShapeDtypeStruct((3, batch, tokens), jnp.int32),
         jax.ShapeDtypeStruct((batch, tokens), jnp.bool_),
     )
+
+
+def video_batch(config: ModelConfig, grids: int, frame_size, prefix: int, suffix: int) -> dict:
+    """The one-row pipeline batch of the prompt (`streaming.split_batch`'s input). Its pixel_values hold no
+    patch: `split_batch` pads every segment's pixels with zeros, so a 2048-frame video costs no host memory
+    for pixels (1.2 GB of float32 patches at 224 x 224) and the steps do the same work as for any pixels."""
+    ids, positions, _, _ = prompt(config, grids, frame_size, prefix, suffix)
+    return {
+        "input_ids": ids,
+        "input_ids_mask": np.ones_like(ids, bool),
+        "valid": np.ones((1,), bool),
+        "positions": np.moveaxis(positions, 0, -1),  # [1, T, 3]
+        "grid_times": np.zeros((1, grids), np.float32),
+        "pixel_values": np.zeros((1, 0, config.vision.patch_dim), np.float32),
+    }
 
 
 def run_streaming(llm: VideoLLM, frames: int, args) -> dict:
     config = llm.config
     frame_size = tuple(args.frame_size)
     grids = grids_of(config, frames)
-    s = args.segment_frames
-    n = -(-grids // s)
-    cfg = streaming.StreamingConfig(
-        segment_frames=s,
-        hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial),
-        recent_segments=args.recent_segments,
-        max_segments=n,
-        dvr_placement=args.dvr_placement,
+    n = -(-grids // args.segment_frames)
+    cfg = streaming_config(args, max_segments=n, dvr_placement=args.dvr_placement)
+    _, per_grid = frame_geometry(config, frame_size)
+    arrays = streaming.split_batch(
+        video_batch(config, grids, frame_size, args.prefix_tokens, args.suffix_tokens), config, cfg, frame_size
     )
-    patches, per_grid = frame_geometry(config, frame_size)
     layout = streaming.BufferLayout.build(cfg, args.prefix_tokens, per_grid)
-    ids, positions, _, _ = prompt(config, grids, frame_size, args.prefix_tokens, args.suffix_tokens)
-    p = args.prefix_tokens
-    seg_tokens = s * per_grid
-    # Video positions padded to whole segments; padding frames are invalid (never attended to).
-    video_positions = np.zeros((3, 1, n * seg_tokens), np.int32)
-    video_positions[:, :, : grids * per_grid] = positions[:, :, p : p + grids * per_grid]
-    video_valid = np.arange(n * seg_tokens)[None] < grids * per_grid
-    plan = streaming.plan_for(config, cfg, frame_size, 1)
 
+    # Compile the library's two steps for the arguments `stream_prompt` passes them; it then runs these programs.
     graphdef, state = nnx.split(llm)
-    start, segment = streaming_steps(graphdef, layout, cfg.hvr)
-    prefix_args = (ids[:, :p], positions[:, :, :p], np.ones((1, p), bool))
+    prefix_args = (
+        jnp.asarray(arrays["prefix_ids"]),
+        jnp.asarray(np.moveaxis(arrays["prefix_positions"], 1, 0)),
+        jnp.asarray(arrays["prefix_valid"]),
+    )
     tic = time.perf_counter()
-    start_compiled = start.lower(state, *prefix_args).compile()
-    memory_abs, index_abs, pixels_abs, positions_abs, valid_abs = segment_args(config, cfg, layout, frame_size)
-    segment_compiled = segment.lower(state, memory_abs, index_abs, pixels_abs, plan, positions_abs, valid_abs).compile()
+    start = streaming.stream_start.lower(graphdef, state, layout, *prefix_args).compile()
+    segment = streaming.stream_segment.lower(
+        graphdef, state, layout, cfg.hvr, *segment_args(config, cfg, layout, frame_size)
+    ).compile()
     compile_seconds = time.perf_counter() - tic
-    steps = {"start": analysis(start_compiled), "segment": analysis(segment_compiled)}
+    steps = {"start": analysis(start), "segment": analysis(segment)}
 
-    # Random pixels: a small pool of segments cycled, so that making inputs costs neither time
-    # nor host memory (a 2048-frame video is 1.2 GB of float32 patches); content does not matter.
-    rng = np.random.default_rng(1)
-    pool = [rng.standard_normal(pixels_abs.shape, dtype=np.float32) for _ in range(min(n, args.pixel_pool))]
-    dvr = streaming.DVRStore(cfg.dvr_placement)
-    frame_states = []
     tic = time.perf_counter()
-    memory = start_compiled(state, *prefix_args)
-    jax.block_until_ready(memory)
-    start_seconds = time.perf_counter() - tic
-    for i in range(n):
-        cut = slice(i * seg_tokens, (i + 1) * seg_tokens)
-        memory, out = segment_compiled(
-            state,
-            memory,
-            np.int32(i),
-            pool[i % len(pool)],
-            plan,
-            video_positions[:, :, cut],
-            video_valid[:, cut],
-        )
-        # As `streaming.stream_prompt`: the DVR leaves the device now (host placements), the frame
-        # states (what grounding reads; [1, S, E]) go to numpy.
-        dvr.add(out.dvr_keys, out.dvr_values, out.frame_valid.repeat(layout.tokens_per_frame, axis=1))
-        frame_states.append(np.asarray(out.frame_states))
-    jax.block_until_ready((memory, dvr.segments))
+    video = streaming.stream_prompt(llm, arrays, cfg, frame_size)
+    jax.block_until_ready((video.memory, video.dvr.segments))
     seconds = time.perf_counter() - tic
 
     # At the last step the DVR of the n - 1 earlier segments sits on device besides the step's own
     # arguments and outputs (device placement only).
-    dvr_segment_bytes = nbytes((out.dvr_keys, out.dvr_values))
-    resident = (n - 1) * dvr_segment_bytes if dvr.placement == "device" else 0
+    dvr_segment_bytes = nbytes(video.dvr.segments[0][:2])
+    resident = (n - 1) * dvr_segment_bytes if video.dvr.placement == "device" else 0
     peak_step = max(steps, key=lambda k: steps[k]["step_bytes"])
     return {
         "mode": "streaming",
@@ -308,21 +279,20 @@ def run_streaming(llm: VideoLLM, frames: int, args) -> dict:
         "segments": n,
         "max_segments": n,
         "buffer_slots": layout.size,
-        "buffer_bytes": nbytes(memory),
+        "buffer_bytes": nbytes(video.memory),
         "peak_bytes": steps[peak_step]["step_bytes"] + resident,
         "peak_step": peak_step,
         "step": steps[peak_step],
         "resident_bytes": resident,
         "params_bytes": nbytes(state),
         "params_included": True,
-        "dvr_placement": dvr.placement,
-        "host_bytes": dvr.host_bytes(),
+        "dvr_placement": video.dvr.placement,
+        "host_bytes": video.dvr.host_bytes(),
         "dvr_bytes_per_segment": dvr_segment_bytes,
-        "seconds": start_seconds + seconds,
-        "prefix_seconds": start_seconds,
+        "seconds": seconds,
         "seconds_per_segment": seconds / n,
         "compile_seconds": compile_seconds,
-        "frame_states_shape": list(np.concatenate(frame_states, axis=1).shape),
+        "frame_states_shape": list(video.frame_states.shape),
     }
 
 
@@ -396,13 +366,8 @@ def compile_full(llm: VideoLLM, frames: int, args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def qwen7b_config() -> ModelConfig:
-    bench_dir = os.path.dirname(os.path.abspath(__file__))
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    from sft_step import QWEN2_5_VL_7B  # the one 7B config.json of the benches
-
-    return ModelConfig.from_hf_dict(QWEN2_5_VL_7B, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+def estimate_config(args) -> ModelConfig:
+    return presets.model_config(args.estimate_model, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
 
 
 # XLA:CPU has no native bfloat16 dot: it upcasts every bf16 operand to float32, and loop-invariant
@@ -413,27 +378,20 @@ NO_LICM_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def estimate_points(args) -> list[dict]:
-    """Compiles the 7B segment step for each --estimate-segments value (nothing is allocated)."""
-    config = qwen7b_config()
+    """Compiles `stream_segment` at --estimate-model's shape for each --estimate-segments value (nothing is
+    allocated)."""
+    config = estimate_config(args)
     frame_size = tuple(args.estimate_frame_size)
     _, per_grid = frame_geometry(config, frame_size)
     llm = nnx.eval_shape(lambda: VideoLLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(llm)
     points = []
     for max_segments in args.estimate_segments:
-        cfg = streaming.StreamingConfig(
-            segment_frames=args.segment_frames,
-            hvr=HVRConfig(temporal=args.temporal, spatial=args.spatial),
-            recent_segments=args.recent_segments,
-            max_segments=max_segments,
-            dvr_placement="host",
-        )
+        cfg = streaming_config(args, max_segments=max_segments, dvr_placement="host")
         layout = streaming.BufferLayout.build(cfg, args.prefix_tokens, per_grid)
-        _, segment = streaming_steps(graphdef, layout, cfg.hvr)
-        memory, index, pixels, positions, valid = segment_args(config, cfg, layout, frame_size)
-        plan = streaming.plan_for(config, cfg, frame_size, 1)
+        step_args = segment_args(config, cfg, layout, frame_size)
         tic = time.perf_counter()
-        step = analysis(segment.lower(state, memory, index, pixels, plan, positions, valid).compile())
+        step = analysis(streaming.stream_segment.lower(graphdef, state, layout, cfg.hvr, *step_args).compile())
         points.append(
             {
                 "max_segments": max_segments,
@@ -461,6 +419,8 @@ def points_without_licm(args) -> list[dict]:
 def sys_args(args) -> list[str]:
     """The estimate's own flags, to hand to the child process."""
     return [
+        "--estimate-model",
+        args.estimate_model,
         "--estimate-frame-size",
         *map(str, args.estimate_frame_size),
         "--estimate-segments",
@@ -497,7 +457,7 @@ def fit_budgets(points: list[dict], frames_per_segment: int) -> dict:
 
 
 def estimate(args) -> dict:
-    config = qwen7b_config()
+    config = estimate_config(args)
     t, v = config.text, config.vision
     frame_size = tuple(args.estimate_frame_size)
     _, per_grid = frame_geometry(config, frame_size)
@@ -505,11 +465,7 @@ def estimate(args) -> dict:
     params = nbytes(nnx.state(nnx.eval_shape(lambda: VideoLLM(config, rngs=nnx.Rngs(0)))))
     kv_per_token = t.num_layers * t.num_kv_heads * t.head_dim * 2 * np.dtype(jnp.bfloat16).itemsize  # keys + values
     # The floor of this design: parameters plus the buffer alone, with no activations at all.
-    layout = streaming.BufferLayout.build(
-        streaming.StreamingConfig(args.segment_frames, HVRConfig(args.temporal, args.spatial), args.recent_segments, 1),
-        args.prefix_tokens,
-        per_grid,
-    )
+    layout = streaming.BufferLayout.build(streaming_config(args, 1, "host"), args.prefix_tokens, per_grid)
     floor = {
         "a_bytes": params + (layout.size - layout.pooled_per_segment) * kv_per_token,
         "b_bytes_per_segment": layout.pooled_per_segment * kv_per_token,
@@ -517,14 +473,14 @@ def estimate(args) -> dict:
     for gib in (24, 80):
         segments = max(0, int((gib * GIB - floor["a_bytes"]) // floor["b_bytes_per_segment"]))
         floor[f"frames_in_{gib}gb"] = segments * frames_per_segment
-    print("estimate: compiling the 7B segment step (CPU XLA as is)", file=sys.stderr, flush=True)
+    print(f"estimate: compiling the {args.estimate_model} segment step (CPU XLA as is)", file=sys.stderr, flush=True)
     raw = fit_budgets(estimate_points(args), frames_per_segment)
     print(f"estimate: again with {NO_LICM_FLAG}", file=sys.stderr, flush=True)
     gpu_like = fit_budgets(points_without_licm(args), frames_per_segment)
     host_per_frame = per_grid * kv_per_token / v.temporal_patch_size
     return {
         "mode": "estimate",
-        "model": "qwen2_5_vl_7b",
+        "model": args.estimate_model,
         "dtype": "bfloat16",
         "frame_size": list(frame_size),
         "tokens_per_grid": per_grid,
@@ -589,10 +545,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--prefix-tokens", type=int, default=16, help="text before the video (incl. vision start)")
     parser.add_argument("--suffix-tokens", type=int, default=16, help="text after the video (incl. vision end)")
-    parser.add_argument("--hidden", type=int, default=128, help="tiny decoder width (head_dim 32)")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vision-depth", type=int, default=2)
-    parser.add_argument("--vision-hidden", type=int, default=64)
+    tiny = presets.TINY_SIZES
+    parser.add_argument("--hidden", type=int, default=tiny["hidden"], help="tiny decoder width (head_dim 32)")
+    parser.add_argument("--layers", type=int, default=tiny["layers"])
+    parser.add_argument("--vision-depth", type=int, default=tiny["vision_depth"])
+    parser.add_argument("--vision-hidden", type=int, default=tiny["vision_hidden"])
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="tiny model params and compute")
     parser.add_argument("--pixel-pool", type=int, default=4, help="distinct random segments cycled as input")
     parser.add_argument(
@@ -600,6 +557,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also compile the Qwen2.5-VL-7B segment step and fit frames into 24 GiB / 80 GiB",
+    )
+    parser.add_argument(
+        "--estimate-model",
+        choices=[name for name in presets.PRESETS if name != "tiny"],
+        default="qwen2_5_vl_7b",
+        help="the model preset of the estimate",
     )
     parser.add_argument("--estimate-frame-size", type=int, nargs=2, default=(252, 448), metavar=("H", "W"))
     parser.add_argument(

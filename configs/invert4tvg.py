@@ -41,8 +41,8 @@ INVERT4TVG_RECIPE = {
 PRESETS = {
     "model": {
         "tiny": {},
-        "qwen2_5_vl_3b": INVERT4TVG_RECIPE,
-        "qwen2_5_vl_7b": INVERT4TVG_RECIPE,
+        "qwen2_5_vl_3b": INVERT4TVG_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": INVERT4TVG_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
     },
     "data": meco.PRESETS["data"],
     "recipe": {
@@ -73,6 +73,7 @@ def get_config(arg=None):
     config.warm_start = ml_collections.ConfigDict()
     config.warm_start.steps = 500
     config.warm_start.learning_rate = 1e-3
+    config.warm_start.warmup_fraction = 0.03
     config.warm_start.inversion_fraction = 0.2  # share of warm-start examples that are inversion tasks
 
     config.grpo = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import ml_collections
 
 from jaxgrounding.config import apply_presets
 from jaxgrounding.data.synthetic_scenes import SceneConfig
+from jaxgrounding.model import presets
 
 # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5, frozen
 # vision tower, global batch 32, bf16 weights. The model size comes from --config.model.checkpoint.
@@ -36,17 +37,20 @@ MECO_RECIPE = {
 PRESETS = {
     "model": {
         "tiny": {},
-        "qwen2_5_vl_3b": MECO_RECIPE,
-        "qwen2_5_vl_7b": MECO_RECIPE,
+        "qwen2_5_vl_3b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": MECO_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
     },
     "data": {
         "synthetic": {},
+        # The README's "Datasets" section gives each preset's layout and where its files come from.
         "charades_sta": {
             "data.name": "charades_sta",
             "data.train_annotations": "charades_sta_train.txt",
             "data.eval_annotations": "charades_sta_test.txt",
-            "data.video_root": "videos",
-            "data.durations": "Charades_v1_test.csv",
+            "data.video_root": "Charades_v1_480",
+            # Each split's video lengths are in its own Charades csv.
+            "data.train_durations": "Charades_v1_train.csv",
+            "data.eval_durations": "Charades_v1_test.csv",
         },
         "qvhighlights": {
             "data.name": "qvhighlights",
@@ -70,11 +74,16 @@ def get_config(arg=None):
     config.seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.checkpoint = ""  # HF checkpoint dir; "" builds the tiny default in the workdir
+    # A real model preset (model=qwen2_5_vl_7b) sets the recipe; its weights come from model.checkpoint,
+    # without which the run stops at once (jaxgrounding.training.experiment.checkpoint_name).
+    config.model.preset = "tiny"
+    # HF checkpoint: a directory or a hub id (Qwen/Qwen2.5-VL-7B-Instruct, resolved through the hub cache,
+    # HF_HUB_OFFLINE honoured); "" with the tiny preset builds the tiny default in the workdir.
+    config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    # Sizes of the tiny default model (jaxgrounding.model.tiny.tiny_hf_config), used when no checkpoint is given.
-    config.model.tiny = ml_collections.ConfigDict({"hidden": 128, "layers": 4, "vision_depth": 2, "vision_hidden": 64})
+    # Sizes of the tiny default model (jaxgrounding.model.presets.tiny), used when no checkpoint is given.
+    config.model.tiny = ml_collections.ConfigDict(presets.TINY_SIZES)
 
     config.trainable = ml_collections.ConfigDict()
     config.trainable.llm = "full"  # "full" | "lora" | "frozen"
@@ -93,7 +102,8 @@ def get_config(arg=None):
     config.data.train_annotations = ""
     config.data.eval_annotations = ""
     config.data.video_root = ""
-    config.data.durations = ""
+    config.data.train_durations = ""  # Charades-STA: the csv of video lengths ("" = probe each video)
+    config.data.eval_durations = ""
     config.data.fps = 1.0
     config.data.max_frames = 64
     config.data.frame_size = (56, 56)  # every frame is resized to this (multiples of 28)
@@ -108,14 +118,35 @@ def get_config(arg=None):
     # A video whose decoded duration differs from its annotation's by more than this fraction (and 1 s)
     # is skipped and counted: its windows were measured on another file.
     config.data.max_duration_error = 0.1
+    config.data.synthetic_name = "synthetic"  # directory of the built-in set (next to the workdir)
     config.data.synthetic_train_videos = 500
     config.data.synthetic_eval_videos = 100
     # jaxgrounding.data.synthetic_scenes.SceneConfig of the synthetic set; every field is listed, so
     # each can be overridden from the command line (--config.data.scene.object_scale=0.2).
-    # The default family is the learnable one: transient events (every frame of a window shows the
-    # change on its own) and a 2 x 2 layout that puts each resting object in one of the 2 x 2 visual
-    # tokens of a 56-px frame. The older state changes: transient=False, grid=3, object_scale=0.13.
+    # The family is the learnable one: transient events (every frame of a window shows the change on
+    # its own) and a 2 x 2 layout that puts each resting object in one of the 2 x 2 visual tokens of a
+    # 56-px frame.
     config.data.scene = ml_collections.ConfigDict(dataclasses.asdict(SceneConfig()))
+
+    # How a prompt runs through the decoder in training and evaluation: "full" (one causal pass) or
+    # "streaming" (TimeScope: segment by segment into HVR/DVR memory, coarse-to-fine grounding, configs/timescope.py).
+    config.memory = "full"
+
+    # TimeScope's streaming memory: used with memory="streaming", and by `ground --memory streaming` for any
+    # model. The buffer holds data.max_frames (max_segments = data.max_frames / 2 / segment_frames).
+    config.streaming = ml_collections.ConfigDict()
+    config.streaming.segment_frames = 8  # temporal grids per segment (16 frames)
+    config.streaming.hvr_temporal = 4  # r: grids pooled into one HVR grid
+    config.streaming.hvr_spatial = 1  # tokens pooled within a grid
+    config.streaming.hvr_impl = "auto"  # Pallas kernel on GPU/TPU, jnp reference on CPU
+    config.streaming.recent_segments = 0  # preceding segments a segment also sees in full (Video-XL-2: 3)
+    config.streaming.dvr_placement = "auto"  # device | pinned_host | host | auto
+
+    config.coarse_to_fine = ml_collections.ConfigDict()
+    config.coarse_to_fine.margin = 4.0  # seconds around the coarse window
+    config.coarse_to_fine.max_reload_segments = 4
+    config.coarse_to_fine.fine_fraction = 0.5  # streamed training samples built as fine-stage samples
+    config.coarse_to_fine.jitter = 0.5
 
     config.encoder = ml_collections.ConfigDict()
     config.encoder.task = "grounding"

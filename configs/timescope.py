@@ -13,21 +13,22 @@ A real checkpoint and dataset:
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.root=/data/anet --workdir runs/ts
 """
 
-import ml_collections
-
 from configs import meco
 from jaxgrounding.config import apply_presets
 
 # On top of MeCo's recipe: long videos at 1 fps up to ~2000 frames, Video-XL-2's segment and
 # pooling sizes (16 frames = 8 temporal grids per segment, 4 grids pooled into one).
 LONG_VIDEO_RECIPE = meco.MECO_RECIPE | {
-    "data.max_frames": 2048,
-    "streaming.max_segments": 128,
+    "data.max_frames": 2048,  # 128 segments of 16 frames in the streaming buffer
     "encoder.max_tokens": 300_000,
 }
 
 PRESETS = {
-    "model": {"tiny": {}, "qwen2_5_vl_3b": LONG_VIDEO_RECIPE, "qwen2_5_vl_7b": LONG_VIDEO_RECIPE},
+    "model": {
+        "tiny": {},
+        "qwen2_5_vl_3b": LONG_VIDEO_RECIPE | {"model.preset": "qwen2_5_vl_3b"},
+        "qwen2_5_vl_7b": LONG_VIDEO_RECIPE | {"model.preset": "qwen2_5_vl_7b"},
+    },
     "data": meco.PRESETS["data"],
 }
 
@@ -35,6 +36,7 @@ PRESETS = {
 def get_config(arg=None):
     config = meco.get_config()
     config.method = "timescope"
+    config.memory = "streaming"  # the streaming and coarse_to_fine settings are configs/meco.py's
 
     # Long synthetic videos: 100-200 s at 1 fps = 100-200 frames (50-100 temporal grids, up to 13
     # segments), one event of 10-30% of the video (10-60 s) each. With two events of 5-15%, held-out
@@ -49,21 +51,6 @@ def get_config(arg=None):
     config.data.scene.min_event_fraction = 0.1
     config.data.scene.max_event_fraction = 0.3
     config.encoder.max_tokens = 4096
-
-    config.streaming = ml_collections.ConfigDict()
-    config.streaming.segment_frames = 8  # temporal grids per segment (16 frames)
-    config.streaming.hvr_temporal = 4  # r: grids pooled into one HVR grid
-    config.streaming.hvr_spatial = 1  # tokens pooled within a grid
-    config.streaming.hvr_impl = "auto"  # Pallas kernel on GPU/TPU, jnp reference on CPU
-    config.streaming.recent_segments = 0  # preceding segments a segment also sees in full
-    config.streaming.max_segments = 13  # buffer capacity: 13 x 16 = 208 frames
-    config.streaming.dvr_placement = "auto"  # device | pinned_host | host | auto
-
-    config.coarse_to_fine = ml_collections.ConfigDict()
-    config.coarse_to_fine.margin = 4.0  # seconds around the coarse window
-    config.coarse_to_fine.max_reload_segments = 4
-    config.coarse_to_fine.fine_fraction = 0.5  # training samples built as fine-stage samples
-    config.coarse_to_fine.jitter = 0.5
 
     config.train.batch_size = 4
     config.train.steps = 800  # R1@0.5 73.8 in 8 min on a slow day (1000 steps: 71.3 in 9 min)

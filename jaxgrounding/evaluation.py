@@ -19,23 +19,28 @@ import tqdm
 from jaxgrounding import data as data_lib
 from jaxgrounding import inference, metrics, settings
 from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.inference import AssignmentConfig
+from jaxgrounding.memory.layout import StreamingConfig
+from jaxgrounding.sampling import SamplingConfig
 from jaxgrounding.tasks import inversion, rewards, timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder, StructuralEncoder, clip
+from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEncoder, clip
 
 
 def predict(model: GroundingModel, batch: dict, tokenizer, config, rng, memory: str = "auto"):
     """Predictions for one prompt batch: one causal pass ("full") or TimeScope's streaming
-    coarse-to-fine ("streaming"); "auto" streams when the config has streaming settings."""
+    coarse-to-fine ("streaming"); "auto" runs the config's `memory`."""
     if memory not in ("auto", "full", "streaming"):
         raise ValueError(f"memory must be auto, full or streaming, got {memory!r}")
     if memory == "auto":
-        memory = "full" if settings.streaming_config(config) is None else "streaming"
+        memory = config.memory
     frame_size = tuple(config.data.frame_size)
-    args = (model, batch, tokenizer, frame_size, settings.sampling_config(config), settings.assignment_config(config))
+    sampling_config, assignment = SamplingConfig.from_config(config), AssignmentConfig.from_config(config)
+    args = (model, batch, tokenizer, frame_size, sampling_config, assignment)
     if memory == "full":
         return inference.predict(*args, rng=rng)
-    streaming = settings.inference_streaming_config(config)
-    return inference.predict_streaming(*args, streaming, settings.coarse_to_fine_config(config), rng=rng)
+    streaming = StreamingConfig.from_config(config)
+    return inference.predict_streaming(*args, streaming, CoarseToFineConfig.from_config(config), rng=rng)
 
 
 def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:
@@ -52,7 +57,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     if answer_format(config) == "timestamps":
         return evaluate_answers(model, tokenizer, samples, checkpoint, config, out_dir)
     index, count = jax.process_index(), jax.process_count()
-    encoder = StructuralEncoder(checkpoint, settings.encoder_config(config, train=False))
+    encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=False))
     prompts = _PromptTransform(encoder)
     pipeline = settings.pipeline_config(config, train=False, batch_size=config.eval.batch_size)
     pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1)  # the share is cut below
@@ -109,8 +114,10 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
     the three inversion tasks' accuracies on the same samples (Invert4TVG, fig. 1). What published numbers silently
     depend on is pinned in the result: the prompt, thinking, decoding and the new-token budget."""
     index, count = jax.process_index(), jax.process_count()
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
-    sampling_config = settings.sampling_config(config)
+    encoder = ChatEncoder(
+        checkpoint, EncoderConfig.from_config(config, train=False), video_first=settings.video_first(config)
+    )
+    sampling_config = SamplingConfig.from_config(config)
     thinking = config.answer.thinking
     tasks = ("grounding",) + tuple(config.grpo.inversion_tasks)
     share = samples[index::count]

@@ -21,7 +21,7 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import evaluation, inference, settings
 from jaxgrounding.data.padding import pad_and_stack
 from jaxgrounding.data.sample import Sample
-from jaxgrounding.tasks.encoding import StructuralEncoder
+from jaxgrounding.tasks.encoding import EncoderConfig, StructuralEncoder
 from jaxgrounding.training import experiment
 
 _MODEL = flags.DEFINE_string("model", None, "A workdir written by jaxgrounding.train.", required=True)
@@ -92,7 +92,7 @@ def main(argv):
     sample = Sample(
         id=os.path.basename(_VIDEO.value), video=_VIDEO.value, duration=float(video.duration), query=_QUERY.value
     )
-    encoder = StructuralEncoder(checkpoint_dir, settings.encoder_config(config, train=False))
+    encoder = StructuralEncoder(checkpoint_dir, EncoderConfig.from_config(config, train=False))
     example = encoder.encode_prompt(sample, video)
     pipeline = settings.pipeline_config(config, train=False, batch_size=1)
     batch = pad_and_stack([example], 1, pipeline.buckets)
@@ -104,7 +104,7 @@ def main(argv):
         for w in prediction.windows
     ]
     if _PLOT.value:
-        segment_frames = settings.inference_streaming_config(config).segment_frames
+        segment_frames = config.streaming.segment_frames
         plot(prediction, float(video.duration), _QUERY.value, _PLOT.value, segment_frames)
     coarse = None
     if prediction.coarse is not None:

@@ -26,7 +26,6 @@ from flax import nnx
 from jaxgrounding import sampling
 from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_plan, device_batch
 from jaxgrounding.memory import streaming
-from jaxgrounding.model.video_llm import ModelInputs
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks import coarse_to_fine
 from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
@@ -34,9 +33,17 @@ from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
 
 @dataclasses.dataclass(frozen=True)
 class AssignmentConfig:
-    threshold: float | None = 0.7
-    dilation: int = 1
-    nms_iou: float = 0.7
+    """How structural-token similarities become windows (`tasks.structural.assign_windows`); built from the
+    config's `assignment` section (its values are the defaults: configs/meco.py). threshold None: no threshold."""
+
+    threshold: float | None
+    dilation: int
+    nms_iou: float
+
+    @classmethod
+    def from_config(cls, config) -> AssignmentConfig:
+        a = config.assignment
+        return cls(threshold=a.threshold or None, dilation=a.dilation, nms_iou=a.nms_iou)
 
 
 @dataclasses.dataclass
@@ -63,7 +70,7 @@ def predict(
     tokenizer,
     frame_size,
     sampling_config: sampling.SamplingConfig,
-    assignment: AssignmentConfig = AssignmentConfig(),
+    assignment: AssignmentConfig,
     rng=None,
 ) -> list[Prediction]:
     """Predictions for the valid rows of one prompt batch."""
@@ -139,18 +146,6 @@ def _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid, a
     return predictions
 
 
-def _suffix_inputs(arrays: dict) -> ModelInputs:
-    """The question (and generation prompt) after the video, at its absolute positions."""
-    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), 1, 0)
-    valid = jnp.asarray(arrays["suffix_valid"])
-    return ModelInputs(
-        input_ids=jnp.asarray(arrays["suffix_ids"]),
-        attention_mask=valid,
-        positions=positions,
-        next_position=jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1,
-    )
-
-
 def predict_streaming(
     model: GroundingModel,
     batch: dict,
@@ -172,7 +167,7 @@ def predict_streaming(
     arrays = streaming.split_batch(batch, llm.config, streaming_config, frame_size)
     streamed = streaming.stream_prompt(llm, arrays, streaming_config, frame_size)
     layout, frame_states, frame_valid = streamed.layout, streamed.frame_states, streamed.frame_valid
-    suffix = _suffix_inputs(arrays)
+    suffix = streaming.suffix_inputs(arrays)
     b = arrays["suffix_ids"].shape[0]
     context = streaming.answer_memory(layout, streamed.memory)
     generate = dict(end_ids=_end_ids(tokenizer), hidden_layers=(-2,))

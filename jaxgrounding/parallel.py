@@ -174,15 +174,27 @@ def process_local(tree):
     return jax.tree.map(one, tree)
 
 
+def cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM (libtpu installed, TPU chips present: /dev/accel* up to v4, /dev/vfio from v5e on),
+    where `jax.distributed.initialize()` reads the slice's hosts from the VM's metadata server; nothing in
+    the shell's environment says how many hosts the slice has."""
+    import glob
+    import importlib.util
+
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one (TPU pods, SLURM, or an
-    explicit coordinator); a single process does nothing. Must run before any other JAX call."""
+    """Joins a multi-process run when the environment describes one (a Cloud TPU VM, GKE's TPU pods,
+    SLURM, or an explicit coordinator); a single process does nothing. Must run before any other JAX call."""
     env = os.environ
     multi = (
         "JAX_COORDINATOR_ADDRESS" in env
-        or "TPU_WORKER_HOSTNAMES" in env
+        or "TPU_WORKER_HOSTNAMES" in env  # set by GKE on TPU pods
         and "," in env["TPU_WORKER_HOSTNAMES"]
         or int(env.get("SLURM_NTASKS", "1")) > 1
+        or cloud_tpu_vm()  # a pod slice's workers (launch/tpu_pod.sh); one host joins a run of one
     )
     if "JAX_COORDINATOR_ADDRESS" in env:  # launch/local_multiprocess.sh, or any explicit launcher
         jax.distributed.initialize(
@@ -190,7 +202,7 @@ def initialize_distributed() -> None:
             num_processes=int(env["JAX_NUM_PROCESSES"]),
             process_id=int(env["JAX_PROCESS_ID"]),
         )
-    elif multi:  # TPU pods and SLURM: JAX reads the topology from the environment itself
+    elif multi:  # TPU VMs, GKE and SLURM: JAX reads the topology from the environment itself
         jax.distributed.initialize()
         log.info(
             "process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count()

@@ -59,10 +59,18 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    """Built from the config's `sampling` section (its values are the defaults: configs/meco.py); top_k is
+    in no config (no recipe filters by rank)."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
     top_k: int = 0  # 0 = no top-k filter
+
+    @classmethod
+    def from_config(cls, config) -> SamplingConfig:
+        s = config.sampling
+        return cls(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
 
 
 def logprobs_from_logits(
@@ -139,13 +147,6 @@ def greedy_tokens(logits: jax.Array, axis: int = -1) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def sample_tokens(logits_bv: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
-    """One token per row from float32 logits [B, V], all rows from one key."""
-    if config.temperature <= 0:
-        return greedy_tokens(logits_bv.astype(jnp.float32))
-    return jax.random.categorical(rng, _filter(logits_bv.T, config).T, axis=-1).astype(jnp.int32)
-
-
 def _sample_columns(logits_vr: jax.Array, column_keys: jax.Array, config: SamplingConfig) -> jax.Array:
     """One token per column of vocabulary-major logits [V, R], column r drawing with its own key:
     Gumbel-max (argmax of logits + Gumbel noise, an exact draw from their softmax) with the fast

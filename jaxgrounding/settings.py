@@ -1,7 +1,9 @@
-"""What a config file's sections mean to the library: each settings object built from its section.
+"""Settings derived from several config sections at once: the data pipeline's buckets and dtypes.
 
-The config files (configs/*.py, ml_collections) hold the values; these functions turn their
-sections into the dataclasses the library takes, for training, evaluation and grounding alike.
+The config files (configs/*.py, ml_collections; configs/meco.py is the base) hold every default. A settings
+dataclass built from one section is built next to its own definition (`SamplingConfig.from_config`,
+`StreamingConfig.from_config`, ...); what is derived here (bucket ladders from the frame and token budgets)
+has no section of its own.
 """
 
 from __future__ import annotations
@@ -9,23 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxgrounding import data as data_lib
-from jaxgrounding import inference, sampling
-from jaxgrounding.memory.hvr import HVRConfig
-from jaxgrounding.memory.streaming import StreamingConfig
-from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
-from jaxgrounding.tasks.encoding import EncoderConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def encoder_config(config, *, train: bool) -> EncoderConfig:
-    return EncoderConfig(
-        task=config.encoder.task,
-        frame_size=tuple(config.data.frame_size),
-        max_tokens=config.encoder.max_tokens,
-        random_instruction=train,
-        seed=config.seed,
-    )
 
 
 def _ladder(limit: int, start: int) -> tuple[int, ...]:
@@ -58,8 +45,7 @@ def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.Pipelin
         worker_count=config.data.workers,
         # Evaluation reports its skips instead of stopping on their fraction.
         max_failure_fraction=config.data.max_failure_fraction if train else 1.0,
-        # A workdir's config.json from before the check existed: no check, as it was trained.
-        max_duration_error=config.data.get("max_duration_error"),
+        max_duration_error=config.data.max_duration_error,
         buckets=buckets,
         video={"fps": config.data.fps, "max_frames": config.data.max_frames, "size": tuple(config.data.frame_size)},
     )
@@ -72,50 +58,7 @@ def prompt_buckets(config) -> dict[str, tuple[int, ...]]:
     return {k: buckets[k] for k in ("input_ids", "loss_mask", "positions", "frame_of_token", "pixel_values", "grid_times")}
 
 
-def streaming_config(config):
-    """The config's TimeScope streaming settings (`config.streaming`), or None without them."""
-    if "streaming" not in config:
-        return None
-    s = config.streaming
-    return StreamingConfig(
-        segment_frames=s.segment_frames,
-        hvr=HVRConfig(temporal=s.hvr_temporal, spatial=s.hvr_spatial, impl=s.hvr_impl),
-        recent_segments=s.recent_segments,
-        max_segments=s.max_segments,
-        dvr_placement=s.dvr_placement,
-    )
-
-
-def inference_streaming_config(config):
-    """Streaming settings for grounding with `config`: its own, or for a model trained without
-    them (`ground --memory streaming` on a MeCo workdir) the defaults sized to data.max_frames."""
-    streaming = streaming_config(config)
-    if streaming is not None:
-        return streaming
-    segment_frames = StreamingConfig.segment_frames
-    return StreamingConfig(max_segments=-(-config.data.max_frames // 2 // segment_frames))
-
-
-def coarse_to_fine_config(config):
-    if "coarse_to_fine" not in config:
-        return CoarseToFineConfig()
-    c = config.coarse_to_fine
-    return CoarseToFineConfig(
-        margin=c.margin, max_reload_segments=c.max_reload_segments, fine_fraction=c.fine_fraction, jitter=c.jitter
-    )
-
-
-def sampling_config(config) -> sampling.SamplingConfig:
-    return sampling.SamplingConfig(
-        max_new_tokens=config.sampling.max_new_tokens,
-        temperature=config.sampling.temperature,
-        top_p=config.sampling.top_p,
-    )
-
-
-def assignment_config(config) -> inference.AssignmentConfig:
-    return inference.AssignmentConfig(
-        threshold=config.assignment.threshold or None,
-        dilation=config.assignment.dilation,
-        nms_iou=config.assignment.nms_iou,
-    )
+def video_first(config) -> bool:
+    """Whether answer-format prompts put the video before the instruction: a streamed config's must (the video
+    is streamed into memory first, then the question asks), Time-R1's put the query first."""
+    return config.memory == "streaming"

@@ -72,6 +72,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     """Runs (or resumes) training, then evaluates. `stop_after` ends the run after that step
     without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
     check_config(config)
+    experiment.checkpoint_name(config)  # a real model preset without a checkpoint stops here
     os.makedirs(workdir, exist_ok=True)
     # One process takes the workdir for the whole run (the warm start's workdir is inside it).
     with workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -54,3 +54,18 @@ def test_sharded_forward_equals_single_device(tmp_path):
         got = sharded(**batch).logits
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(got)[valid], want[valid], atol=1e-5)
+
+
+def test_cloud_tpu_vm_joins_the_slice_without_environment_variables(monkeypatch):
+    """On a TPU VM nothing in the environment names the slice's hosts: jax.distributed.initialize() reads
+    them from the VM (launch/tpu_pod.sh exports nothing)."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(parallel, "cloud_tpu_vm", lambda: False)
+    parallel.initialize_distributed()
+    assert calls == []
+    monkeypatch.setattr(parallel, "cloud_tpu_vm", lambda: True)
+    parallel.initialize_distributed()
+    assert calls == [((), {})]

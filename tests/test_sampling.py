@@ -52,7 +52,7 @@ def test_greedy_generation_equals_repeated_full_forward(model):
     gen = sampling.generate(
         model,
         inputs,
-        sampling.SamplingConfig(max_new_tokens=steps),
+        sampling.SamplingConfig(max_new_tokens=steps, temperature=0.0, top_p=1.0),
         end_ids=[299],
         hidden_layers=(-2,),
         return_logprobs=True,
@@ -80,22 +80,32 @@ def test_greedy_generation_equals_repeated_full_forward(model):
 
 def test_generation_stops_at_end_token(model):
     inputs = jm.prepare_inputs(model.config, np.array([[5, 6, 7]]))
-    first = int(sampling.generate(model, inputs, sampling.SamplingConfig(max_new_tokens=1), end_ids=[299]).tokens[0, 0])
-    gen = sampling.generate(model, inputs, sampling.SamplingConfig(max_new_tokens=6), end_ids=[first])
+    first = int(
+        sampling.generate(
+            model, inputs, sampling.SamplingConfig(max_new_tokens=1, temperature=0.0, top_p=1.0), end_ids=[299]
+        ).tokens[0, 0]
+    )
+    gen = sampling.generate(
+        model, inputs, sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, top_p=1.0), end_ids=[first]
+    )
     assert int(gen.lengths[0]) == 1
     assert (np.asarray(gen.tokens)[0] == first).all()  # the end token repeats after the stop
 
 
 def test_top_k_and_top_p_filters():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    """400 draws from one distribution, one per column with its own key, as `generate` draws them."""
+    logits_vr = jnp.tile(jnp.log(jnp.array([[0.5], [0.3], [0.15], [0.05]])), (1, 400))
     keys = jax.random.split(jax.random.key(0), 400)
-    draw = lambda config: np.array([int(sampling.sample_tokens(logits, k, config)[0]) for k in keys])
-    assert set(draw(sampling.SamplingConfig(temperature=1.0, top_k=2))) <= {0, 1}
-    assert set(draw(sampling.SamplingConfig(temperature=1.0, top_p=0.7))) <= {0, 1}  # 0.5 + 0.3 reaches 0.7
-    assert set(draw(sampling.SamplingConfig(temperature=1.0, top_p=0.5))) == {0}
-    counts = np.bincount(draw(sampling.SamplingConfig(temperature=1.0)), minlength=4) / 400
-    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.07)
-    assert int(sampling.sample_tokens(logits, keys[0], sampling.SamplingConfig(temperature=0.0))[0]) == 0
+
+    def draw(temperature, top_k=0, top_p=1.0):
+        config = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k)
+        return np.asarray(sampling._sample_columns(logits_vr, keys, config))
+
+    assert set(draw(1.0, top_k=2)) <= {0, 1}
+    assert set(draw(1.0, top_p=0.7)) <= {0, 1}  # 0.5 + 0.3 reaches 0.7
+    assert set(draw(1.0, top_p=0.5)) == {0}
+    np.testing.assert_allclose(np.bincount(draw(1.0), minlength=4) / 400, [0.5, 0.3, 0.15, 0.05], atol=0.07)
+    assert set(draw(0.0)) == {0}
 
 
 @pytest.mark.parametrize("top_k,top_p", [(7, 1.0), (0, 0.9), (50, 0.6), (0, 0.05)])
@@ -103,7 +113,7 @@ def test_sort_free_filters_keep_what_sorting_keeps(top_k, top_p):
     """The bisection thresholds (vocabulary-major, no sort) keep exactly the tokens a sort keeps."""
     rng = np.random.default_rng(top_k)
     logits = (3.0 * rng.standard_normal((1000, 6))).astype(np.float32)  # [V, R]
-    config = sampling.SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+    config = sampling.SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p, max_new_tokens=64)
     kept = np.isfinite(np.asarray(jax.jit(sampling._filter, static_argnums=1)(jnp.asarray(logits), config)))
     for r in range(logits.shape[1]):
         scaled = logits[:, r].astype(np.float64) / 0.7
@@ -120,7 +130,7 @@ def test_sort_free_filters_keep_what_sorting_keeps(top_k, top_p):
 # RL rollouts: G samples per prompt from one prefill, log-probabilities, adapters off, memory
 # ----------------------------------------------------------------------------------------------
 
-ROLLOUT = sampling.SamplingConfig(max_new_tokens=5, temperature=0.8, top_k=40)
+ROLLOUT = sampling.SamplingConfig(max_new_tokens=5, temperature=0.8, top_k=40, top_p=1.0)
 # A third of the vocabulary ends a row, so rows stop at different lengths and the mask matters.
 ROLLOUT_ENDS = list(range(3, 100))
 
@@ -174,7 +184,7 @@ def test_fan_out_equals_independent_generations_with_the_same_keys(model, video_
 
 def test_logprobs_equal_a_teacher_forced_forward(model, video_prompts, fan_out):
     """Each sampled token's log-probability is log_softmax(logits / T) at it (before top-k) in one
-    full forward over prompt + completion, and `lm.next_token_logprobs` reads the same numbers
+    full forward over prompt + completion, and `lm.token_logprobs` reads the same numbers
     from that forward's hidden states."""
     batch, _ = video_prompts
     g, n = 3, ROLLOUT.max_new_tokens
@@ -197,7 +207,12 @@ def test_logprobs_equal_a_teacher_forced_forward(model, video_prompts, fan_out):
     out = model(input_ids=ids, attention_mask=valid, **video)
     logp = np.asarray(jax.nn.log_softmax(out.logits / ROLLOUT.temperature, axis=-1))
     shared = np.asarray(
-        lm.next_token_logprobs(model, out.last_hidden_state, jnp.asarray(ids), temperature=ROLLOUT.temperature)
+        lm.token_logprobs(
+            out.last_hidden_state[:, :-1],
+            lm.lm_head_matrix(model),
+            jnp.asarray(ids[:, 1:]),
+            temperature=ROLLOUT.temperature,
+        )
     )
     for r in range(2 * g):
         at = prompt_lengths[r // g] - 1 + np.arange(lengths[r])  # the state that predicted each token
@@ -214,7 +229,7 @@ def test_generation_with_adapters_off_equals_the_base_model(model, checkpoint):
     nnx.update(adapted, jax.tree.map(lambda x: x + 0.05, adapters))  # nonzero B: the adapters matter
     ids = np.random.default_rng(4).integers(3, 280, size=(2, 7))
     inputs = jm.prepare_inputs(model.config, ids)
-    config = sampling.SamplingConfig(max_new_tokens=4)
+    config = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0, top_p=1.0)
     run = lambda m: sampling.generate(m, inputs, config, end_ids=[], return_logprobs=True)
     base = run(model)
     with adapters_disabled(adapted):

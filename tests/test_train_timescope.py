@@ -26,7 +26,6 @@ def micro_config(data_root):
     config.model.tiny = {"hidden": 64, "layers": 2, "vision_depth": 1, "vision_hidden": 32}
     config.streaming.segment_frames = 4
     config.streaming.hvr_temporal = 2
-    config.streaming.max_segments = 4
     config.coarse_to_fine.max_reload_segments = 2
     config.train.batch_size = 2
     config.train.steps = 4

@@ -4,7 +4,7 @@
 encodes them as real h264/yuv420p mp4 files with PyAV (so training exercises the same
 decode path as real data) and writes one generic-JSONL annotation file per split.
 ``root/manifest.json`` records the config (every SceneConfig field included, e.g.
-``transient``, and GENERATOR_VERSION) and the files; a second call with the same config
+``clock``, and GENERATOR_VERSION) and the files; a second call with the same config
 only reads the annotations, any difference (a knob changed, or a manifest written before
 a knob existed) wipes and regenerates. Output is
 a pure function of the config (seeded per split and video).

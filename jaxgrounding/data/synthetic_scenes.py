@@ -7,17 +7,12 @@ their windows are snapped to the frame grid and placed uniformly at random, so o
 model that looks at the frames can localise them. Every event yields a query (explicit
 or task-oriented phrasing), a query-focused caption and its verb lemmas.
 
-Events come in two flavours (``SceneConfig.transient``):
-
-- state changes (``transient=False``): the object goes from one state to another over
-  the window and stays in the new state (it moves and stays moved, grows and stays big).
-  A frame inside the window differs from the frames around it only by being "in between",
-  so finding the window means comparing frames across time;
-- transient events (``transient=True``, the default): the object is in an altered state
-  (displaced, bigger, smaller, tilted, visible, hidden, hopping, recoloured) on exactly the
-  frames of the window and back to its resting state outside it. Every frame of the window
-  then differs from every frame outside all windows by what it shows alone, which a small
-  model trained from scratch for minutes can learn (it did not learn the state changes).
+Events are transient: the object is in an altered state (displaced, bigger, smaller, tilted,
+visible, hidden, hopping, recoloured) on exactly the frames of the window and back to its
+resting state outside it. Every frame of the window then differs from every frame outside all
+windows by what it shows alone, which a small model trained from scratch for minutes can learn.
+(It did not learn state changes, where the object goes from one state to another over the
+window and stays there, so that finding the window means comparing frames across time.)
 """
 
 import dataclasses
@@ -38,39 +33,9 @@ COLOURS = {
 EVENT_KINDS = ("move", "spin", "grow", "shrink", "appear", "disappear", "bounce", "change_colour")
 _DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
+# The object is altered on the window's frames only, and the text says so (a "bigger" query, a
+# caption that ends with the return to rest).
 _EXPLICIT = {
-    "move": "when does the {obj} move {direction}?",
-    "spin": "when does the {obj} spin?",
-    "grow": "when does the {obj} grow bigger?",
-    "shrink": "when does the {obj} shrink?",
-    "appear": "when does the {obj} appear?",
-    "disappear": "when does the {obj} disappear?",
-    "bounce": "when does the {obj} bounce?",
-    "change_colour": "when does the {obj} change colour to {new_colour}?",
-}
-_TASK = {
-    "move": "find the moment the {obj} travels {direction} across the scene.",
-    "spin": "locate the part of the video where the {obj} rotates in place.",
-    "grow": "find the segment in which the {obj} gets larger.",
-    "shrink": "find the segment in which the {obj} gets smaller.",
-    "appear": "find when the {obj} first shows up in the scene.",
-    "disappear": "find when the {obj} vanishes from the scene.",
-    "bounce": "locate the moment the {obj} hops up and down.",
-    "change_colour": "find when the {obj} turns {new_colour}.",
-}
-_CAPTION = {
-    "move": "The {obj} slides {direction} while the other objects stay still.",
-    "spin": "The {obj} turns around in place.",
-    "grow": "The {obj} grows to about one and a half times its size.",
-    "shrink": "The {obj} shrinks to about half its size.",
-    "appear": "The {obj} fades into view.",
-    "disappear": "The {obj} fades away until it is gone.",
-    "bounce": "The {obj} bounces up and down.",
-    "change_colour": "The {obj} gradually turns {new_colour}.",
-}
-# Transient events: the object is altered on the window's frames only, and the text says so
-# (a "bigger" query, a caption that ends with the return to rest).
-_TRANSIENT_EXPLICIT = {
     "move": "when is the {obj} shifted {direction} of its place?",
     "spin": "when is the {obj} turned at an angle?",
     "grow": "when is the {obj} bigger?",
@@ -80,7 +45,7 @@ _TRANSIENT_EXPLICIT = {
     "bounce": "when does the {obj} hop above its place?",
     "change_colour": "when is the {obj} {new_colour}?",
 }
-_TRANSIENT_TASK = {
+_TASK = {
     "move": "find the moment the {obj} steps {direction} and has not yet come back.",
     "spin": "locate the part of the video where the {obj} is tilted.",
     "grow": "find the segment in which the {obj} is larger than usual.",
@@ -90,7 +55,7 @@ _TRANSIENT_TASK = {
     "bounce": "locate the moment the {obj} hops up and down.",
     "change_colour": "find when the {obj} looks {new_colour}.",
 }
-_TRANSIENT_CAPTION = {
+_CAPTION = {
     "move": "The {obj} jumps {direction}, stays there, then returns to its place.",
     "spin": "The {obj} turns at an angle, then snaps back upright.",
     "grow": "The {obj} swells to about one and a half times its size, then returns to its size.",
@@ -100,25 +65,17 @@ _TRANSIENT_CAPTION = {
     "bounce": "The {obj} hops up and down above its place, then lands.",
     "change_colour": "The {obj} turns {new_colour} for a while, then back to {colour}.",
 }
-# The verbs (lemmas) that name the event in each query phrasing, keyed by (transient, task phrasing), for
+# The verbs (lemmas) that name the event in each query phrasing, keyed by task phrasing, for
 # the inversion tasks (Invert4TVG): the event's verbs only, not "find" / "locate" (they name the task). A
 # phrasing that names a state instead of a change ("when is the {obj} bigger?") records the verb of the
 # event's caption, which shows it. tests/tasks/test_verbs.py checks every entry against the verbs that
 # `tasks.verbs.verb_lemmas` finds in the query (and the caption).
 _QUERY_VERBS = {
-    (False, False): {
-        "move": ("move",), "spin": ("spin",), "grow": ("grow",), "shrink": ("shrink",), "appear": ("appear",),
-        "disappear": ("disappear",), "bounce": ("bounce",), "change_colour": ("change",),
-    },
-    (False, True): {
-        "move": ("travel",), "spin": ("rotate",), "grow": ("get",), "shrink": ("get",), "appear": ("show",),
-        "disappear": ("vanish",), "bounce": ("hop",), "change_colour": ("turn",),
-    },
-    (True, False): {
+    False: {
         "move": ("shift",), "spin": ("turn",), "grow": ("swell",), "shrink": ("shrink",), "appear": ("show",),
         "disappear": ("go",), "bounce": ("hop",), "change_colour": ("turn",),
     },
-    (True, True): {
+    True: {
         "move": ("step",), "spin": ("tilt",), "grow": ("swell",), "shrink": ("shrink",), "appear": ("show",),
         "disappear": ("miss",), "bounce": ("hop",), "change_colour": ("look",),
     },
@@ -139,8 +96,6 @@ class SceneConfig:
     grid: objects rest at the centres of distinct cells of a grid x grid layout. 2 matches
       the 2 x 2 visual tokens of a 56-px frame in Qwen2.5-VL (14-px patches merged 2 x 2), so
       each object sits in one token at rest; 3 matches 84-px frames the same way.
-    transient: events alter the object on their window's frames only (see the module
-      docstring); False gives the older state changes, which persist after the window.
     event_kinds: the kinds events are drawn from (a subset of EVENT_KINDS).
     clock: draw a clock on every frame, a bar along the bottom edge whose lit length is the
       time in seconds over max_duration (a burned-in timecode, as on surveillance footage).
@@ -161,7 +116,6 @@ class SceneConfig:
     task_phrasing: float = 0.5
     object_scale: float = 0.16
     grid: int = 2
-    transient: bool = True
     event_kinds: tuple[str, ...] = EVENT_KINDS
     clock: bool = False
 
@@ -184,8 +138,7 @@ class Event:
     direction: str | None = None
     new_colour: str | None = None
     hops: int = 1  # bounce: one hop per ~4 frames, so every hop is seen by some frame.
-    distance: float = 0.0  # move: pixels travelled (set by sample_scene)
-    transient: bool = False  # altered on the window's frames only, at rest outside it
+    distance: float = 0.0  # move: pixels displaced (set by sample_scene)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,14 +214,10 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
         distance = 0.0
         if kind == "move":
             o = objects[obj]
-            if cfg.transient:
-                # Half a cell: the displaced object sits between resting places, so a single
-                # frame shows it is off its place (a whole cell would look like a resting object).
-                distance = cfg.size / cfg.grid / 2
-                lo, hi = o.radius, cfg.size - o.radius
-            else:
-                # 1/3 of the frame; the centre stays inside it.
-                distance, lo, hi = cfg.size / 3, 0, cfg.size
+            # Half a cell: the displaced object sits between resting places, so a single frame
+            # shows it is off its place (a whole cell would look like a resting object).
+            distance = cfg.size / cfg.grid / 2
+            lo, hi = o.radius, cfg.size - o.radius
             room = [
                 d
                 for d, (dx, dy) in _DIRECTIONS.items()
@@ -288,7 +237,6 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
                 new_colour=new_colour,
                 hops=hops,
                 distance=distance,
-                transient=cfg.transient,
             )
         )
     background = tuple(int(c) for c in rng.integers(20, 90, size=3))
@@ -307,73 +255,41 @@ def _progress(t: float, event: Event) -> float:
 _TIME_EPS = 1e-6
 
 
-def _transient_state(event: Event, t: float, size: int, state: list) -> None:
-    """Applies a transient event to ``state`` = [x, y, radius, angle, rgb, alpha] in place.
-
-    Outside [start, end] the object rests, so only "appear" changes anything there (the
-    object is hidden at rest). Inside, the change is at full strength on every frame (no
-    ramp), so each frame of the window can be told from the resting scene on its own.
-    """
-    inside = event.start - _TIME_EPS <= t <= event.end + _TIME_EPS
-    if event.kind == "appear":
-        state[5] = float(inside)
-    if not inside:
-        return
-    p = _progress(t, event)
-    if event.kind == "move":
-        dx, dy = _DIRECTIONS[event.direction]
-        state[0] += dx * event.distance
-        state[1] += dy * event.distance
-    elif event.kind == "spin":
-        # Between 1/16 and 3/16 of a turn: never a symmetry of a square, diamond (1/4 turn) or
-        # triangle (1/3 turn), so every frame shows the object tilted, and the tilt still moves.
-        state[3] = math.pi / 8 + math.pi / 4 * p
-    elif event.kind == "grow":
-        state[2] *= 1.5
-    elif event.kind == "shrink":
-        state[2] *= 0.5
-    elif event.kind == "disappear":
-        state[5] = 0.0
-    elif event.kind == "bounce":
-        # Always at least half a hop up, so no frame of the window shows the object at rest.
-        state[1] -= (0.5 + 0.5 * abs(math.sin(event.hops * math.pi * p))) * size / 6
-    elif event.kind == "change_colour":
-        state[4] = np.array(COLOURS[event.new_colour], np.float32)
-
-
 def _object_state(obj: SceneObject, events: list[Event], t: float, size: int):
-    """(x, y, radius, angle, rgb, alpha) of an object at time t."""
+    """(x, y, radius, angle, rgb, alpha) of an object at time t.
+
+    Outside an event's [start, end] the object rests, so only "appear" changes anything there (the
+    object is hidden at rest). Inside, the change is at full strength on every frame (no ramp), so
+    each frame of the window can be told from the resting scene on its own.
+    """
     x, y, radius, angle = obj.x, obj.y, obj.radius, 0.0
     rgb = np.array(COLOURS[obj.colour], np.float32)
     alpha = 1.0
     for event in events:
-        if event.transient:
-            state = [x, y, radius, angle, rgb, alpha]
-            _transient_state(event, t, size, state)
-            x, y, radius, angle, rgb, alpha = state
+        inside = event.start - _TIME_EPS <= t <= event.end + _TIME_EPS
+        if event.kind == "appear":
+            alpha = float(inside)
+        if not inside:
             continue
         p = _progress(t, event)
         if event.kind == "move":
             dx, dy = _DIRECTIONS[event.direction]
-            x, y = x + dx * p * event.distance, y + dy * p * event.distance
+            x, y = x + dx * event.distance, y + dy * event.distance
         elif event.kind == "spin":
-            # 3/8 of a turn: no step of it is a symmetry of a square, triangle or diamond,
-            # so every frame of the spin differs from the one before.
-            angle = 0.75 * math.pi * p
+            # Between 1/16 and 3/16 of a turn: never a symmetry of a square, diamond (1/4 turn) or
+            # triangle (1/3 turn), so every frame shows the object tilted, and the tilt still moves.
+            angle = math.pi / 8 + math.pi / 4 * p
         elif event.kind == "grow":
-            radius *= 1 + 0.5 * p
+            radius *= 1.5
         elif event.kind == "shrink":
-            radius *= 1 - 0.5 * p
-        elif event.kind == "appear":
-            alpha = p
+            radius *= 0.5
         elif event.kind == "disappear":
-            alpha = 1 - p
+            alpha = 0.0
         elif event.kind == "bounce":
-            inside = 0 < p < 1
-            # Frames sit at p = k / (4 * hops) or finer, never all at the hops' landings.
-            y -= inside * abs(math.sin(event.hops * math.pi * p)) * size / 6
+            # Always at least half a hop up, so no frame of the window shows the object at rest.
+            y -= (0.5 + 0.5 * abs(math.sin(event.hops * math.pi * p))) * size / 6
         elif event.kind == "change_colour":
-            rgb = (1 - p) * rgb + p * np.array(COLOURS[event.new_colour], np.float32)
+            rgb = np.array(COLOURS[event.new_colour], np.float32)
     return x, y, radius, angle, rgb, alpha
 
 
@@ -440,14 +356,10 @@ def describe(scene: Scene, event: Event, rng: np.random.Generator, task_phrasing
         "direction": event.direction,
         "new_colour": event.new_colour,
     }
-    if event.transient:
-        task, explicit, caption = _TRANSIENT_TASK, _TRANSIENT_EXPLICIT, _TRANSIENT_CAPTION
-    else:
-        task, explicit, caption = _TASK, _EXPLICIT, _CAPTION
     task_phrased = rng.random() < task_phrasing
-    template = task if task_phrased else explicit
+    template = _TASK if task_phrased else _EXPLICIT
     return EventText(
         query=template[event.kind].format(**fields),
-        caption=caption[event.kind].format(**fields),
-        verbs=_QUERY_VERBS[(event.transient, task_phrased)][event.kind],
+        caption=_CAPTION[event.kind].format(**fields),
+        verbs=_QUERY_VERBS[task_phrased][event.kind],
     )

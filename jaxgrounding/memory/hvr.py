@@ -35,9 +35,11 @@ IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 @dataclasses.dataclass(frozen=True)
 class HVRConfig:
-    temporal: int = 4  # r: frames pooled together (frames of the token grid)
-    spatial: int = 1  # consecutive tokens pooled within a frame (1 = none); tokens_per_frame % spatial == 0
-    impl: str = "auto"  # "auto" (Pallas on gpu/tpu, reference on cpu), "reference", "pallas", "pallas_interpret"
+    """The config's `streaming.hvr_*` settings (their values are the defaults: configs/meco.py)."""
+
+    temporal: int  # r: frames pooled together (frames of the token grid)
+    spatial: int  # consecutive tokens pooled within a frame (1 = none); tokens_per_frame % spatial == 0
+    impl: str  # "auto" (Pallas on gpu/tpu, reference on cpu), "reference", "pallas", "pallas_interpret"
 
 
 def pooled_positions(positions_3bfp: jax.Array, temporal: int, spatial: int) -> jax.Array:

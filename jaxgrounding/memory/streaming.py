@@ -1,35 +1,26 @@
-"""Streaming prefill of long videos with TimeScope's two video representations.
+"""Streaming prefill of long videos with TimeScope's two video representations: the device steps.
 
-A prompt is `[prefix][video][suffix]` (chat template: system turn and `<|vision_start|>`, then one
-`<|video_pad|>` per visual token, then `<|vision_end|>`, the instruction and the response). The
-video is cut into segments of `segment_frames` temporal grids (one grid = `temporal_patch_size`
-sampled frames = `tokens_per_frame` visual tokens). Each segment runs through the vision tower and
-the decoder attending to a fixed-size memory buffer
+Each segment of a prompt (`memory.layout`: prefix | segments | suffix, and the fixed-size buffer
+`BufferLayout`) runs through the vision tower and the decoder attending to the memory buffer: the
+prefix, the HVR of every earlier segment and, optionally, the full keys of the last `recent_segments`
+segments (whose HVR is then hidden, so nothing is seen twice). After a segment its keys and values are
+(a) returned whole, rotated at their own positions: the DVR, kept aside by the caller (`memory.dvr`),
+and (b) pooled by `memory.hvr` (keys pooled before RoPE and rotated at the pooled position) into the
+segment's HVR slots. Positions stay absolute (M-RoPE positions of the whole prompt, computed once on the
+host), so a key means the same time wherever it is stored, and attention does not depend on where in
+the buffer a key sits: the answer memory can append reloaded DVR after the HVR instead of splicing it in
+temporal order (the test checks that the two orders agree).
 
-    [prefix | HVR slots: max_segments x pooled tokens | recent slots: recent_segments x segment tokens]
-
-(`BufferLayout`): the prefix, the HVR of every earlier segment and, optionally, the full keys of
-the last `recent_segments` segments (whose HVR is then hidden, so nothing is seen twice). After a
-segment its keys and values are (a) returned whole, rotated at their own positions: the DVR, kept
-aside by the caller (`DVRStore`), and (b) pooled by `memory.hvr` (keys pooled before RoPE and
-rotated at the pooled position) into the segment's HVR slots. Positions stay absolute (M-RoPE
-positions of the whole prompt, computed once on the host), so a key means the same time wherever
-it is stored, and attention does not depend on where in the buffer a key sits: the answer memory
-can append reloaded DVR after the HVR instead of splicing it in temporal order (the test checks
-that the two orders agree).
-
-Every shape is fixed by (`StreamingConfig`, batch, frame size), so one compiled segment step serves
-any video up to `max_segments` segments, and device memory per step is bounded by the buffer.
-
-`stream_forward` is the differentiable version (a `lax.scan` over segments) that training uses, so
-what the model sees in SFT is exactly what it sees at inference.
+One compiled segment step serves any video up to `max_segments` segments, and device memory per step is
+bounded by the buffer. `stream_forward` is the differentiable version (a `lax.scan` over segments) that
+training uses, so what the model sees in SFT is exactly what it sees at inference; `stream_prompt` is
+the inference driver (one jitted step per segment).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,166 +28,31 @@ import numpy as np
 from flax import nnx
 
 from jaxgrounding import parallel
+from jaxgrounding.memory.dvr import DVRStore
 from jaxgrounding.memory.hvr import HVRConfig, hvr_downsample
-from jaxgrounding.model.config import ModelConfig
+from jaxgrounding.memory.layout import BufferLayout, StreamingConfig, plan_for, split_batch
 from jaxgrounding.model.decoder import CACHE_AXES, Memory
-from jaxgrounding.model.vision import uniform_plan
+from jaxgrounding.model.video_llm import ModelInputs
 
-
-@dataclasses.dataclass(frozen=True)
-class StreamingConfig:
-    """segment_frames: temporal grids per segment (a multiple of hvr.temporal);
-    hvr: the pooling of each segment into global memory; recent_segments: how many preceding
-    segments a segment also sees in full (Video-XL-2 uses 3; 0 = HVR only);
-    max_segments: capacity of the HVR buffer (longest video = max_segments * segment_frames
-    grids); dvr_placement: where the DVR of past segments lives: "device", "pinned_host" (memory
-    kinds, GPU/TPU), "host" (numpy) or "auto" (pinned_host where the backend has it, else host)."""
-
-    segment_frames: int = 8
-    hvr: HVRConfig = HVRConfig()
-    recent_segments: int = 0
-    max_segments: int = 64
-    dvr_placement: str = "auto"
-
-    def __post_init__(self):
-        if self.segment_frames % self.hvr.temporal:
-            raise ValueError(
-                f"segment_frames={self.segment_frames} must be a multiple of hvr.temporal={self.hvr.temporal}"
-            )
-        if self.dvr_placement not in ("auto", "device", "pinned_host", "host"):
-            raise ValueError(f"dvr_placement must be auto, device, pinned_host or host, got {self.dvr_placement!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class BufferLayout:
-    """Static geometry of the memory buffer (hashable: a jit static argument)."""
-
-    prefix: int  # prefix tokens
-    tokens_per_frame: int  # visual tokens per temporal grid
-    segment_frames: int
-    pooled_per_segment: int  # HVR tokens of one segment
-    max_segments: int
-    recent_segments: int
-
-    @property
-    def segment_tokens(self) -> int:
-        return self.segment_frames * self.tokens_per_frame
-
-    @property
-    def hvr_start(self) -> int:
-        return self.prefix
-
-    @property
-    def recent_start(self) -> int:
-        return self.prefix + self.max_segments * self.pooled_per_segment
-
-    @property
-    def size(self) -> int:
-        return self.recent_start + self.recent_segments * self.segment_tokens
-
-    def slot_segments(self) -> np.ndarray:
-        """[size] int: the segment whose HVR a slot holds; -1 prefix, -2 the recent slots."""
-        return np.concatenate(
-            [
-                np.full(self.prefix, -1),
-                np.repeat(np.arange(self.max_segments), self.pooled_per_segment),
-                np.full(self.recent_segments * self.segment_tokens, -2),
-            ]
-        ).astype(np.int32)
-
-    @classmethod
-    def build(cls, config: StreamingConfig, prefix: int, tokens_per_frame: int) -> BufferLayout:
-        hvr = config.hvr
-        if tokens_per_frame % hvr.spatial:
-            raise ValueError(f"{tokens_per_frame} tokens per frame are not divisible by hvr.spatial={hvr.spatial}")
-        pooled = (config.segment_frames // hvr.temporal) * (tokens_per_frame // hvr.spatial)
-        return cls(prefix, tokens_per_frame, config.segment_frames, pooled, config.max_segments, config.recent_segments)
-
-
-# ------------------------------------------------------------------------------------------------
-# Host side: cut a pipeline batch into prefix / segments / suffix
-# ------------------------------------------------------------------------------------------------
-
-
-def split_batch(batch: dict, config: ModelConfig, streaming: StreamingConfig, frame_size) -> dict[str, np.ndarray]:
-    """A pipeline batch (`tasks.encoding` + `data.padding`, numpy) -> the streaming arrays.
-
-    Every array is batch-first (so micro-batching and data sharding split axis 0): prefix_ids,
-    prefix_valid [B, Tp], prefix_positions [B, 3, Tp]; segment_pixels [B, N, S*h*w, patch_dim],
-    segment_positions [B, N, 3, S*P], segment_valid [B, N, S*P]; suffix_ids, suffix_valid
-    [B, Ts], suffix_positions [B, 3, Ts]; suffix_start [B] (index of the first suffix token in the
-    flat sequence); frame_valid [B, N*S]. Training batches also get suffix_loss_mask [B, Ts] and
-    suffix_struct_positions [B, K] (the structural-token predictors, indexed in the suffix).
-    """
-    ids = np.asarray(batch["input_ids"])
-    mask = np.asarray(batch["input_ids_mask"]) & np.asarray(batch["valid"])[:, None]
-    positions = np.asarray(batch["positions"])  # [B, T, 3]
-    b, t = ids.shape
-    is_video = (ids == config.video_token_id) & mask
-    rows = np.flatnonzero(is_video.any(axis=1))
-    if rows.size == 0:
-        raise ValueError("streaming needs a video in every prompt; this batch has none")
-    starts = is_video.argmax(axis=1)
-    prefix = int(starts[rows[0]])
-    if np.any(starts[rows] != prefix):
-        raise ValueError(f"prompts place their video at different offsets {sorted(set(starts[rows].tolist()))}")
-    p = config.vision.patch_size
-    m = config.vision.spatial_merge_size
-    hw = (frame_size[0] // p) * (frame_size[1] // p)
-    tokens_per_frame = hw // (m * m)
-    grids = np.shape(batch["grid_times"])[1]
-    s = streaming.segment_frames
-    n = -(-grids // s)
-    if n > streaming.max_segments:
-        raise ValueError(
-            f"{grids} temporal grids need {n} segments of {s}; the buffer holds max_segments={streaming.max_segments}"
-        )
-    n_visual = is_video.sum(axis=1)
-    if np.any(n_visual % tokens_per_frame):
-        raise ValueError(f"visual token counts {n_visual.tolist()} are not whole frames of {tokens_per_frame}")
-
-    # Video: token j of row r sits at flat index prefix + j (video tokens are contiguous).
-    j = np.arange(n * s * tokens_per_frame)
-    video_valid = (j[None, :] < n_visual[:, None]) & mask.any(axis=1)[:, None]
-    video_index = np.minimum(prefix + j, t - 1)
-    video_positions = np.where(video_valid[..., None], positions[:, video_index], 0)  # [B, N*S*P, 3]
-
-    pixels = np.asarray(batch["pixel_values"])  # [B, G*hw, pd]
-    padded = np.zeros((b, n * s * hw, pixels.shape[-1]), pixels.dtype)
-    padded[:, : pixels.shape[1]] = pixels
-
-    # Suffix: everything after the video, left-aligned, padded to a multiple of 16.
-    suffix_start = prefix + n_visual
-    lengths = mask.sum(axis=1) - suffix_start
-    ts = max(16, -(-int(lengths.max()) // 16) * 16)
-    k = np.arange(ts)
-    suffix_index = np.minimum(suffix_start[:, None] + k[None, :], t - 1)
-    suffix_valid = k[None, :] < lengths[:, None]
-    take = np.take_along_axis
-    out = {
-        "prefix_ids": ids[:, :prefix],
-        "prefix_positions": np.moveaxis(positions[:, :prefix], -1, 1),
-        "prefix_valid": mask[:, :prefix],
-        "segment_pixels": padded.reshape(b, n, s * hw, -1),
-        "segment_positions": video_positions.reshape(b, n, s * tokens_per_frame, 3).transpose(0, 1, 3, 2),
-        "segment_valid": video_valid.reshape(b, n, s * tokens_per_frame),
-        "suffix_ids": np.where(suffix_valid, take(ids, suffix_index, 1), 0),
-        "suffix_positions": np.moveaxis(take(positions, suffix_index[..., None], 1), -1, 1),
-        "suffix_valid": suffix_valid,
-        "suffix_start": suffix_start.astype(np.int32),
-        "frame_valid": np.arange(n * s)[None, :] < (n_visual // tokens_per_frame)[:, None],
-    }
-    if "loss_mask" in batch:
-        out["suffix_loss_mask"] = take(np.asarray(batch["loss_mask"]), suffix_index, 1) & suffix_valid
-    if "struct_positions" in batch:
-        out["suffix_struct_positions"] = np.maximum(np.asarray(batch["struct_positions"]) - suffix_start[:, None], 0)
-    return out
-
-
-def plan_for(config: ModelConfig, streaming: StreamingConfig, frame_size, batch: int) -> dict:
-    """The vision tower's plan for one segment of each of `batch` rows (the same for every segment)."""
-    p = config.vision.patch_size
-    return uniform_plan(batch, streaming.segment_frames, frame_size[0] // p, frame_size[1] // p, config.vision)
+# The settings, layout and DVR store live beside this module; callers reach them through it too.
+__all__ = [
+    "BufferLayout",
+    "DVRStore",
+    "SegmentOutput",
+    "StreamOutput",
+    "StreamedVideo",
+    "StreamingConfig",
+    "answer_memory",
+    "embed_frames",
+    "plan_for",
+    "segment_step",
+    "split_batch",
+    "start_memory",
+    "stream_forward",
+    "stream_prompt",
+    "stream_segment",
+    "stream_start",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,26 +210,24 @@ class StreamOutput:
     frame_valid: jax.Array
 
 
-def stream_forward(
+def stream_context(
     llm,
     layout: BufferLayout,
     hvr: HVRConfig,
     arrays: dict,
     plan: dict,
     reloaded: jax.Array,
-    hidden_layers=(),
     dropout_key=None,
-) -> StreamOutput:
-    """The whole streamed prompt in one differentiable function (training): prefix, a `lax.scan`
-    over the segments (inside, the decoder layers are rematerialised by the model's remat policy;
-    an outer checkpoint per segment measured 1.4x slower per step on the default config and saves
-    only the per-layer residual stream of the video tokens), then the suffix over `answer_memory` with the DVR of the segments
-    marked in `reloaded` [B, N] bool (all False: the coarse stage; some True: the fine stage).
-    `plan`: the vision tower's plan for all B*N segments (`plan_for(..., batch=B*N)`): the
-    frames are embedded in one batched call before the scan (the tower never looks across grids,
-    so this equals embedding each segment in its step, and runs as a few large matmuls)."""
-    config = llm.config
-    t = config.text
+) -> tuple[Memory, jax.Array, jax.Array]:
+    """The streamed video in one differentiable function (training): the prefix, then a `lax.scan` over the
+    segments (inside, the decoder layers are rematerialised by the model's remat policy; an outer checkpoint per
+    segment measured 1.4x slower per step on the default config and saves only the per-layer residual stream of
+    the video tokens). Returns (what the question attends to: `answer_memory` with the DVR of the segments marked
+    in `reloaded` [B, N] bool, all False for the coarse stage; frame_states [B, N*S, E]; frame_valid [B, N*S]).
+    `plan`: the vision tower's plan for all B*N segments (`plan_for(..., batch=B*N)`): the frames are embedded in
+    one batched call before the scan (the tower never looks across grids, so this equals embedding each segment
+    in its step, and runs as a few large matmuls)."""
+    t = llm.config.text
     prefix_positions = jnp.moveaxis(arrays["prefix_positions"], 1, 0)
     memory = start_memory(llm, layout, arrays["prefix_ids"], prefix_positions, arrays["prefix_valid"])
     b, n = arrays["segment_valid"].shape[:2]
@@ -400,73 +254,49 @@ def stream_forward(
     dvr = Memory(stack(out.dvr_keys), stack(out.dvr_values), segment_valid.reshape(b, -1))
     dvr_segments = jnp.where(reloaded, jnp.arange(n)[None, :], -1)
     context = answer_memory(layout, memory, dvr, dvr_segments)
+    frame_states = jnp.moveaxis(out.frame_states, 0, 1).reshape(b, n * layout.segment_frames, -1)
+    frame_valid = jnp.moveaxis(out.frame_valid, 0, 1).reshape(b, -1)
+    return context, frame_states, frame_valid
+
+
+def stream_forward(
+    llm,
+    layout: BufferLayout,
+    hvr: HVRConfig,
+    arrays: dict,
+    plan: dict,
+    reloaded: jax.Array,
+    hidden_layers=(),
+    dropout_key=None,
+) -> StreamOutput:
+    """The whole streamed prompt (training): `stream_context`, then the suffix (question and response) over it."""
+    context, frame_states, frame_valid = stream_context(llm, layout, hvr, arrays, plan, reloaded, dropout_key)
+    n = arrays["segment_valid"].shape[1]
     embeds = llm.decoder.embed(arrays["suffix_ids"])
     suffix_positions = jnp.moveaxis(arrays["suffix_positions"], 1, 0)
     suffix_key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
     final, hidden, _ = llm.decoder.attend(
         embeds, suffix_positions, arrays["suffix_valid"], context, hidden_layers, dropout_key=suffix_key
     )
-    frame_states = jnp.moveaxis(out.frame_states, 0, 1).reshape(b, n * layout.segment_frames, -1)
-    frame_valid = jnp.moveaxis(out.frame_valid, 0, 1).reshape(b, -1)
     return StreamOutput(final, hidden, frame_states, frame_valid)
+
+
+def suffix_inputs(arrays: dict) -> ModelInputs:
+    """The question (and generation prompt) after the video of `split_batch` arrays, at its absolute positions:
+    what generation continues a streamed video with."""
+    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), 1, 0)
+    valid = jnp.asarray(arrays["suffix_valid"])
+    return ModelInputs(
+        input_ids=jnp.asarray(arrays["suffix_ids"]),
+        attention_mask=valid,
+        positions=positions,
+        next_position=jnp.max(jnp.where(valid[None], positions, -1), axis=(0, 2)) + 1,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Inference: one jitted step per segment, DVR kept aside
 # ------------------------------------------------------------------------------------------------
-
-
-def resolve_placement(placement: str, backend: str | None = None) -> str:
-    """ "auto" -> pinned host memory where the backend has memory kinds (GPU, TPU), else host numpy."""
-    if placement != "auto":
-        return placement
-    return "host" if (backend or jax.default_backend()) == "cpu" else "pinned_host"
-
-
-class DVRStore:
-    """The full keys/values of every streamed segment, where `placement` says.
-
-    "device" keeps them as device arrays, "pinned_host" moves them to pinned host memory (a
-    `memory_kind` of the same sharding, so reloading is a DMA), "host" copies them to numpy.
-    `gather` builds the fine stage's DVR memory for chosen segments per row."""
-
-    def __init__(self, placement: str):
-        self.placement = resolve_placement(placement)
-        self.segments: list[tuple[Any, Any, Any]] = []
-
-    def add(self, keys: jax.Array, values: jax.Array, valid: jax.Array) -> None:
-        if self.placement == "host":
-            keys, values, valid = jax.device_get((keys, values, valid))
-        elif self.placement == "pinned_host":
-            keys, values = (jax.device_put(x, x.sharding.with_memory_kind("pinned_host")) for x in (keys, values))
-        self.segments.append((keys, values, valid))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(k.nbytes + v.nbytes) for k, v, _ in self.segments)
-
-    def host_bytes(self) -> int:
-        return self.nbytes if self.placement in ("host", "pinned_host") else 0
-
-    def gather(self, segments_br: np.ndarray) -> Memory:
-        """segments_br: [B, R] segment indices (-1 = unused slot) -> Memory [L, B, R*S*P, ...]."""
-        segments_br = np.asarray(segments_br)
-        b, r = segments_br.shape
-        rows_k, rows_v, rows_valid = [], [], []
-        for row in range(b):
-            ks, vs, oks = [], [], []
-            for i in range(r):
-                seg = int(segments_br[row, i])
-                keys, values, valid = self.segments[max(seg, 0)]
-                if self.placement == "pinned_host":
-                    keys, values = (jax.device_put(x, x.sharding.with_memory_kind("device")) for x in (keys, values))
-                ks.append(keys[:, row])
-                vs.append(values[:, row])
-                oks.append(np.asarray(valid[row]) & (seg >= 0))
-            rows_k.append(jnp.concatenate([jnp.asarray(x) for x in ks], axis=1))
-            rows_v.append(jnp.concatenate([jnp.asarray(x) for x in vs], axis=1))
-            rows_valid.append(np.concatenate(oks))
-        return Memory(jnp.stack(rows_k, axis=1), jnp.stack(rows_v, axis=1), jnp.asarray(np.stack(rows_valid)))
 
 
 @dataclasses.dataclass
@@ -481,13 +311,26 @@ class StreamedVideo:
     frame_valid: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
-def _start(graphdef, state, layout, prefix_ids, prefix_positions, prefix_valid):
+# The two compiled programs of streaming inference, over (graphdef, state) from `nnx.split(llm)`. keep_unused:
+# parameters a step never reads (the LM head; the embedding table in the segment step) stay arguments, so the
+# compiled step's memory analysis counts every parameter, as the device holds them all (bench/streaming.py).
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), keep_unused=True)
+def stream_start(graphdef, state, layout: BufferLayout, prefix_ids, prefix_positions, prefix_valid) -> Memory:
+    """Jitted `start_memory`: prefix_ids, prefix_valid [B, Tp]; prefix_positions [3, B, Tp]."""
     return start_memory(nnx.merge(graphdef, state), layout, prefix_ids, prefix_positions, prefix_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "hvr"), donate_argnames=("memory",))
-def _step(graphdef, state, layout, hvr, memory, index, pixels, plan, positions, valid):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "layout", "hvr"), donate_argnames=("memory",), keep_unused=True
+)
+def stream_segment(
+    graphdef, state, layout: BufferLayout, hvr: HVRConfig, memory: Memory, index, pixels, plan, positions, valid
+) -> tuple[Memory, SegmentOutput]:
+    """Jitted vision tower (`embed_frames`) + `segment_step` for one segment; the memory buffer is donated, so
+    the running buffer exists once on device. pixels: [B, S*h*w, patch_dim]; positions: [3, B, S*P]; valid:
+    [B, S*P]; plan: `plan_for(..., batch=B)`."""
     llm = nnx.merge(graphdef, state)
     embeds = embed_frames(llm, pixels, plan)
     return segment_step(llm, layout, hvr, memory, index, embeds, positions, valid)
@@ -505,7 +348,7 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
         config, arrays["prefix_ids"].shape[1], arrays["segment_valid"].shape[2] // config.segment_frames
     )
     plan = plan_for(llm.config, config, frame_size, b)
-    memory = _start(
+    memory = stream_start(
         graphdef,
         state,
         layout,
@@ -521,7 +364,7 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
 
         segments = tqdm(segments, desc="streaming segments", leave=False)
     for i in segments:
-        memory, out = _step(
+        memory, out = stream_segment(
             graphdef,
             state,
             layout,

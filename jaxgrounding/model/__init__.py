@@ -24,15 +24,17 @@ def default_compute_dtype():
 
 
 def from_pretrained(
-    path: str, dtype=jnp.float32, mesh=None, compute_dtype=None, remat_policy: str = "dots_with_no_batch_dims_saveable"
+    path: str, dtype=jnp.float32, mesh=None, compute_dtype=None, remat_policy: str | None = None
 ) -> VideoLLM:
     """Builds a VideoLLM from an HF checkpoint directory (config.json + safetensors).
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: `default_compute_dtype()`);
-    mesh: place each parameter directly into its sharding on this mesh.
+    mesh: place each parameter directly into its sharding on this mesh; remat_policy: of the decoder's
+    layer scan (default: `ModelConfig.remat_policy`).
     """
+    overrides = {} if remat_policy is None else {"remat_policy": remat_policy}
     config = ModelConfig.from_pretrained(
-        path, param_dtype=dtype, compute_dtype=compute_dtype or default_compute_dtype(), remat_policy=remat_policy
+        path, param_dtype=dtype, compute_dtype=compute_dtype or default_compute_dtype(), **overrides
     )
     abstract = nnx.eval_shape(lambda: VideoLLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

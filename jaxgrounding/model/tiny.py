@@ -18,6 +18,8 @@ from typing import Iterable
 
 from flax import nnx
 
+from jaxgrounding.model import presets
+
 # Qwen's chat format, trimmed to what grounding prompts use (one system turn, user turns with a
 # video, assistant turns).
 CHAT_TEMPLATE = (
@@ -66,64 +68,11 @@ def write_tokenizer(path: str, texts: Iterable[str], vocab_size: int = 1024) -> 
     fast.save_pretrained(path)
 
 
-def tiny_hf_config(
-    token_ids: dict[str, int],
-    vocab_size: int,
-    *,
-    hidden: int = 128,
-    layers: int = 4,
-    vision_depth: int = 2,
-    vision_hidden: int = 64,
-) -> dict:
-    """config.json of a small Qwen2.5-VL; the vision window covers a whole 56 px frame."""
-    head_dim = 32
-    heads = hidden // head_dim
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        "image_token_id": token_ids["<|image_pad|>"],
-        "video_token_id": token_ids["<|video_pad|>"],
-        "vision_start_token_id": token_ids["<|vision_start|>"],
-        "vision_end_token_id": token_ids["<|vision_end|>"],
-        "tie_word_embeddings": False,
-        "text_config": {
-            "model_type": "qwen2_5_vl_text",
-            "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": 3 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": max(1, heads // 2),
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-            "bos_token_id": token_ids["<|endoftext|>"],
-            "eos_token_id": token_ids["<|im_end|>"],
-            "pad_token_id": token_ids["<|endoftext|>"],
-        },
-        "vision_config": {
-            "model_type": "qwen2_5_vl_vision",
-            "depth": vision_depth,
-            "hidden_size": vision_hidden,
-            "intermediate_size": 2 * vision_hidden,
-            "num_heads": max(1, vision_hidden // 32),
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [vision_depth - 1],
-            "tokens_per_second": 2,
-            "in_channels": 3,
-            "hidden_act": "silu",
-        },
-    }
-
-
 def build_tiny_checkpoint(path: str, texts: Iterable[str], *, seed: int = 0, max_pixels: int = 56 * 56, **sizes) -> str:
     """Writes a complete tiny checkpoint directory to `path`; reuses a finished one built with the same sizes, seed
     and pixel budget (recorded in its `tiny_build.json`) and replaces one built with others. The directory is
-    built beside `path` and renamed into place, so `path` is never half-written."""
+    built beside `path` and renamed into place, so `path` is never half-written. `sizes`: `presets.tiny`'s
+    (hidden, layers, vision_depth, vision_hidden)."""
     from jaxgrounding.model.config import ModelConfig
     from jaxgrounding.model.video_llm import VideoLLM
     from jaxgrounding.model.weights import save_pretrained
@@ -145,7 +94,7 @@ def build_tiny_checkpoint(path: str, texts: Iterable[str], *, seed: int = 0, max
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # Room for <ent>/<tst> and a multiple of 64 rows, as real checkpoints pad their tables.
     vocab = -(-(len(tokenizer) + 2) // 64) * 64
-    hf = tiny_hf_config(ids, vocab, **sizes)
+    hf = presets.tiny(ids, vocab, **sizes)
     model = VideoLLM(ModelConfig.from_hf_dict(hf), rngs=nnx.Rngs(seed))
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(

@@ -82,24 +82,6 @@ def lm_head_matrix(model) -> jax.Array:
     return decoder.embed_tokens[...].T
 
 
-def next_token_logprobs(
-    model, last_hidden_state: jax.Array, input_ids: jax.Array, *, temperature: float = 1.0, chunk_size: int = 1024
-) -> jax.Array:
-    """Teacher-forced log p(input_ids[:, t + 1] | up to t) at `temperature`: [B, T - 1] float32.
-
-    last_hidden_state: [B, T, E] (after the final norm); input_ids: [B, T]. For GRPO, run the
-    prompt + completion through the model (`forward(..., logits=False)`) and read the completion's
-    columns; the reference policy is the same call under `lora.adapters_disabled(model)`.
-    """
-    return token_logprobs(
-        last_hidden_state[:, :-1],
-        lm_head_matrix(model),
-        input_ids[:, 1:],
-        temperature=temperature,
-        chunk_size=chunk_size,
-    )
-
-
 def next_token_loss(
     model, last_hidden_state: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, chunk_size: int = 1024
 ) -> tuple[jax.Array, jax.Array]:

@@ -22,12 +22,20 @@ class CoarseToFineConfig:
     """margin: seconds added on both sides of the coarse interval; max_reload_segments: at most
     this many segments are reloaded (those nearest the interval's centre); fine_fraction: share
     of training samples built as fine-stage samples; jitter: each end of the ground-truth window
-    moves by up to this fraction of the window's length (plus `margin`-sized slack) in training."""
+    moves by up to this fraction of the window's length (plus `margin`-sized slack) in training.
+    Built from the config's `coarse_to_fine` section (its values are the defaults: configs/meco.py)."""
 
-    margin: float = 2.0
-    max_reload_segments: int = 4
-    fine_fraction: float = 0.5
-    jitter: float = 0.5
+    margin: float
+    max_reload_segments: int
+    fine_fraction: float
+    jitter: float
+
+    @classmethod
+    def from_config(cls, config) -> CoarseToFineConfig:
+        c = config.coarse_to_fine
+        return cls(
+            margin=c.margin, max_reload_segments=c.max_reload_segments, fine_fraction=c.fine_fraction, jitter=c.jitter
+        )
 
 
 def segment_spans(grid_times: np.ndarray, grid_duration: float, segment_frames: int, num_segments: int) -> np.ndarray:

@@ -39,17 +39,28 @@ class EncoderConfig:
     (multiples of 28); max_tokens: longest sequence allowed; random_instruction: draw the
     instruction phrasing at random (training) or take the first (evaluation)."""
 
-    task: str = "grounding"
-    frame_size: tuple[int, int] = (56, 56)
-    max_tokens: int = 2048
-    random_instruction: bool = True
-    seed: int = 0
+    task: str
+    frame_size: tuple[int, int]
+    max_tokens: int
+    random_instruction: bool
+    seed: int
+
+    @classmethod
+    def from_config(cls, config, *, train: bool) -> EncoderConfig:
+        """From the config's `encoder` and `data` sections (configs/meco.py); training draws its phrasings."""
+        return cls(
+            task=config.encoder.task,
+            frame_size=tuple(config.data.frame_size),
+            max_tokens=config.encoder.max_tokens,
+            random_instruction=train,
+            seed=config.seed,
+        )
 
 
 class StructuralEncoder:
     """Picklable (grain workers): holds the checkpoint path, loads tokenizer and config lazily."""
 
-    def __init__(self, checkpoint: str, config: EncoderConfig = EncoderConfig()):
+    def __init__(self, checkpoint: str, config: EncoderConfig):
         self.checkpoint = checkpoint
         self.config = config
         self._loaded = None
@@ -187,19 +198,26 @@ class ChatEncoder(StructuralEncoder):
     video in the user turn, the response is plain text ended by the end-of-turn token, and the LM loss
     covers the response. What the prompt and response say is the caller's (`tasks.timestamps`,
     `tasks.inversion`); this class only turns them into arrays, in the layout `StructuralEncoder` uses
-    (so the same batching, vision plan and model inputs apply)."""
+    (so the same batching, vision plan and model inputs apply).
+
+    `video_first`: the video before the instruction instead, as a streamed prompt needs (TimeScope streams the
+    video into memory, then asks)."""
+
+    def __init__(self, checkpoint: str, config: EncoderConfig, *, video_first: bool = False):
+        super().__init__(checkpoint, config)
+        self.video_first = video_first
 
     def prompt(self, instruction: str, video) -> dict[str, np.ndarray]:
         _, config, _ = self._load()
         visual = self._visual_of(video)
-        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=True), np.int32)
+        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first), np.int32)
         return self._common(ids, visual, video, config)
 
     def example(self, instruction: str, video, response: str, sample_id: str = "") -> dict[str, np.ndarray]:
         """A supervised example: prompt + response, `loss_mask` on the response tokens."""
         tokenizer, config, _ = self._load()
         visual = self._visual_of(video)
-        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=True)
+        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first)
         answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids = np.asarray(prompt + answer, np.int32)
         if ids.shape[0] > self.config.max_tokens:

@@ -21,12 +21,12 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data.synthetic_scenes import SceneConfig
 from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.model import hub
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
 from jaxgrounding.tasks import inversion, templates, timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder, StructuralEncoder
-from jaxgrounding.training import optim
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEncoder
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 from jaxgrounding.training import grpo, sft  # noqa: F401  (register the methods' objectives)
 from jaxgrounding.training.trainer import Trainer, TrainerConfig, make_objective
@@ -55,7 +55,7 @@ def synthetic_root(config, workdir: str, synthetic: data_lib.SyntheticConfig) ->
     (scene families, sizes, seeds) sharing a parent never regenerate each other's videos under a live run."""
     if config.data.root:
         return config.data.root
-    name = config.data.get("synthetic_name", "synthetic")
+    name = config.data.synthetic_name
     digest = hashlib.sha256(json.dumps(synthetic.to_json(), sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", f"{name}-{digest}")
 
@@ -65,7 +65,7 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     if config.data.name == "synthetic":
         synthetic = data_lib.SyntheticConfig(
             splits=(("train", config.data.synthetic_train_videos), ("val", config.data.synthetic_eval_videos)),
-            scene=SceneConfig(**dict(config.data.get("scene", {}))),
+            scene=SceneConfig(**dict(config.data.scene)),
         )
         splits = data_lib.ensure_synthetic_dataset(synthetic_root(config, workdir, synthetic), synthetic)
         return splits["train"], splits["val"]
@@ -73,10 +73,9 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     if not root:
         raise ValueError(f"data.name={config.data.name!r} needs --config.data.root=<dataset directory>")
 
-    def load(name):
+    def load(name, durations):
         path = os.path.join(root, name)
-        durations = os.path.join(root, config.data.durations) if config.data.durations else None
-        kwargs = {"durations": durations} if durations else {}
+        kwargs = {"durations": os.path.join(root, durations)} if durations else {}
         loaded = data_lib.load_annotations(
             path,
             config.data.name,
@@ -86,9 +85,14 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
             **kwargs,
         )
         log.info("%s: %d samples (%s)", path, len(loaded.samples), loaded.report)
+        if not loaded.samples:
+            raise ValueError(f"{path}: no usable sample ({loaded.report})")
         return loaded.samples
 
-    return load(config.data.train_annotations), load(config.data.eval_annotations)
+    return (
+        load(config.data.train_annotations, config.data.train_durations),
+        load(config.data.eval_annotations, config.data.eval_durations),
+    )
 
 
 def text_corpus(samples) -> list[str]:
@@ -111,11 +115,29 @@ def text_corpus(samples) -> list[str]:
     return texts
 
 
+# The hub ids of the real model presets, named in the error a preset without a checkpoint stops with.
+PRESET_HUB_IDS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+
+def checkpoint_name(config) -> str:
+    """`config.model.checkpoint`. A real model preset without one stops here, before any data or model work:
+    the tiny random model it would otherwise build trains without error and means nothing."""
+    preset = config.model.preset
+    if preset != "tiny" and not config.model.checkpoint:
+        example = PRESET_HUB_IDS.get(preset, "<hub id>")
+        raise ValueError(
+            f"model={preset} sets that model's training recipe, not its weights: give the checkpoint with "
+            f"--config.model.checkpoint=<HF checkpoint directory> or a hub id ({example})"
+        )
+    return config.model.checkpoint
+
+
 def resolve_checkpoint(config, workdir: str, train_samples) -> str:
-    """The HF checkpoint directory; builds the tiny default into the workdir when none is given."""
-    if config.model.checkpoint:
-        return config.model.checkpoint
-    sizes = dict(config.model.get("tiny", {}))
+    """The HF checkpoint directory (a hub id resolved through the hub cache); builds the tiny default into
+    the workdir when none is given."""
+    if checkpoint_name(config):
+        return hub.resolve(config.model.checkpoint)
+    sizes = dict(config.model.tiny)
     return build_tiny_checkpoint(
         os.path.join(workdir, "tiny_model"), text_corpus(train_samples), seed=config.seed, **sizes
     )
@@ -124,12 +146,12 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
 def train_transform(config, checkpoint: str, train_samples):
     """The pipeline transform of `config.method`: MeCo's structural examples, answer-format examples (the
     warm start of Invert4TVG), or GRPO's decoded frames (its prompts are built per step)."""
-    encoder_config = settings.encoder_config(config, train=True)
+    encoder_config = EncoderConfig.from_config(config, train=True)
     if config.method == "invert4tvg":
         return grpo.RolloutTransform({s.id: i for i, s in enumerate(train_samples)})
     if config.method == "answer_sft":
         return grpo.WarmStartTransform(
-            ChatEncoder(checkpoint, encoder_config),
+            ChatEncoder(checkpoint, encoder_config, video_first=settings.video_first(config)),
             thinking=config.answer.thinking,
             inversion_fraction=config.warm_start.inversion_fraction,
             inversion_tasks=tuple(config.grpo.inversion_tasks),
@@ -150,7 +172,7 @@ def warm_start_config(config):
         warm.train.log_every = 50
         warm.train.checkpoint_every = config.warm_start.steps
         warm.optimizer.learning_rate = config.warm_start.learning_rate
-        warm.optimizer.warmup_fraction = 0.03
+        warm.optimizer.warmup_fraction = config.warm_start.warmup_fraction
     return warm
 
 
@@ -167,28 +189,11 @@ def after_warm_start(config, warm_workdir: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def trainer_config(config) -> TrainerConfig:
-    return TrainerConfig(
-        accumulate=config.train.accumulate,
-        trainable=optim.TrainableConfig(
-            llm=config.trainable.llm, vision=config.trainable.vision, embeddings=config.trainable.embeddings
-        ),
-        optimizer=optim.OptimizerConfig(
-            learning_rate=config.optimizer.learning_rate,
-            lora_learning_rate=config.optimizer.lora_learning_rate,
-            warmup_fraction=config.optimizer.warmup_fraction,
-            weight_decay=config.optimizer.weight_decay,
-            grad_clip=config.optimizer.grad_clip,
-            total_steps=config.train.steps,
-        ),
-    )
-
-
 def build_trainer(config, model: GroundingModel, tokenizer, checkpoint: str, samples=(), mesh=None) -> Trainer:
     """The trainer of `config.method`'s registered objective for `model` (`checkpoint`: the base checkpoint
     directory; `samples`: the training samples, which GRPO looks its rollout prompts up in)."""
     objective = make_objective(config.method, config, model.llm.config, checkpoint, samples)
-    return Trainer(model, objective, trainer_config(config), [tokenizer.ent_id, tokenizer.tst_id], mesh=mesh)
+    return Trainer(model, objective, TrainerConfig.from_config(config), [tokenizer.ent_id, tokenizer.tst_id], mesh=mesh)
 
 
 def build_model(config, checkpoint: str, mesh=None):
@@ -204,7 +209,7 @@ def build_model(config, checkpoint: str, mesh=None):
             rank=config.lora.rank,
             alpha=config.lora.alpha,
             targets=tuple(config.lora.targets),
-            dropout=config.lora.get("dropout", 0.0),
+            dropout=config.lora.dropout,
             seed=config.seed,
         )
     return GroundingModel(llm, rngs=nnx.Rngs(config.seed)), tokenizer
@@ -217,7 +222,8 @@ def build_model(config, checkpoint: str, mesh=None):
 
 def restore_model(config, workdir: str):
     """(model, tokenizer, checkpoint dir, step) of the latest checkpoint in `workdir`."""
-    checkpoint_dir = config.model.checkpoint or os.path.join(workdir, "tiny_model")
+    name = checkpoint_name(config)
+    checkpoint_dir = hub.resolve(name) if name else os.path.join(workdir, "tiny_model")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir}: base checkpoint not found (was {workdir} trained?)")
     model, tokenizer = build_model(config, checkpoint_dir)

@@ -42,6 +42,7 @@ from jaxgrounding import sampling, settings
 from jaxgrounding.data import padding
 from jaxgrounding.data import video as video_lib
 from jaxgrounding.data.sample import Sample
+from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_plan, device_batch
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.decoder import Memory
@@ -49,7 +50,7 @@ from jaxgrounding.model.lora import adapters_disabled
 from jaxgrounding.objectives import grpo as grpo_lib
 from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
 from jaxgrounding.tasks import inversion, rewards, timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder, clip
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, clip
 from jaxgrounding.training.trainer import register_objective
 
 # Keys of the prompt arrays (one row per prompt) and of the completion arrays (one row per sample).
@@ -77,34 +78,59 @@ class GRPOConfig:
     iou: str  # "plain" | "distance_weighted"
     thinking: bool  # the grounding prompt asks for <think> reasoning first
     seed: int
+    # TimeScope's streamed memory: each prompt's video is streamed into HVR memory (the coarse stage) and its G
+    # completions attend to that one memory; None: the whole prompt in one causal pass.
+    streaming: streaming_lib.StreamingConfig | None = None
 
 
-def completion_logprobs(model: GroundingModel, arrays: dict, plan, num_samples: int, temperature: float):
+def _prompt_context(model: GroundingModel, arrays: dict, plan, streamed):
+    """What each prompt's completions attend to: (memory [B rows], the prompt's last final state [B, E], the
+    position of completion token 0 [B]). The whole prompt runs once (`streamed` None), or with `streamed`
+    = (BufferLayout, HVRConfig) the video is streamed into memory (`memory.streaming.stream_context`, the coarse
+    stage: HVR only) and the question after the video attends to it."""
+    llm = model.llm
+    if streamed is None:
+        inputs = batch_inputs({k: arrays[k] for k in PROMPT_KEYS}, llm.config, plan)
+        embeds = llm.embed_inputs(inputs)
+        context = Memory.empty(llm.config, inputs.input_ids.shape[0])
+    else:
+        layout, hvr = streamed
+        b, n = arrays["segment_valid"].shape[:2]
+        context, _, _ = streaming_lib.stream_context(llm, layout, hvr, arrays, plan, jnp.zeros((b, n), bool))
+        inputs = streaming_lib.suffix_inputs(arrays)  # the question after the video
+        embeds = llm.decoder.embed(inputs.input_ids)
+    mask = inputs.attention_mask
+    final, _, (keys, values, _) = llm.decoder.attend(embeds, inputs.positions, mask, context)
+    last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)
+    memory = Memory(
+        keys=jnp.concatenate([context.keys, keys.astype(context.keys.dtype)], axis=2),
+        values=jnp.concatenate([context.values, values.astype(context.values.dtype)], axis=2),
+        valid=jnp.concatenate([context.valid, mask], axis=1),
+    )
+    return memory, final[jnp.arange(mask.shape[0]), last], inputs.next_position
+
+
+def completion_logprobs(model: GroundingModel, arrays: dict, plan, num_samples: int, temperature: float, streamed=None):
     """log p(completion token n | prompt, tokens < n) for rows p * G + g: [B * G, N] float32.
 
-    The prompt runs once per prompt; its rotated keys and values are repeated G times as the memory
-    the completions attend to (`Decoder.attend`), so the video is never encoded G times. The first
-    completion token is predicted by the prompt's last real token, the others by the completion's own
-    states.
+    The prompt runs once per prompt (`_prompt_context`: the whole prompt, or the streamed video and the question);
+    its rotated keys and values are repeated G times as the memory the completions attend to (`Decoder.attend`),
+    so the video is never encoded G times. The first completion token is predicted by the prompt's last real
+    token, the others by the completion's own states.
     """
     llm = model.llm
-    config = llm.config
-    inputs = batch_inputs({k: arrays[k] for k in PROMPT_KEYS}, config, plan)
-    b, t = inputs.input_ids.shape
-    mask = inputs.attention_mask
-    embeds = llm.embed_inputs(inputs)
-    final, _, (keys, values, _) = llm.decoder.attend(embeds, inputs.positions, mask, Memory.empty(config, b))
-    last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)
-    first_state = jnp.repeat(final[jnp.arange(b), last], num_samples, axis=0)  # [R, E]
+    memory, last_state, next_position = _prompt_context(model, arrays, plan, streamed)
+    g = num_samples
+    first_state = jnp.repeat(last_state, g, axis=0)  # [R, E]
     memory = Memory(
-        keys=jnp.repeat(keys, num_samples, axis=1),
-        values=jnp.repeat(values, num_samples, axis=1),
-        valid=jnp.repeat(mask, num_samples, axis=0),
+        keys=jnp.repeat(memory.keys, g, axis=1),
+        values=jnp.repeat(memory.values, g, axis=1),
+        valid=jnp.repeat(memory.valid, g, axis=0),
     )
     ids = arrays["completion_ids"]
     r, n = ids.shape
     fed = ids[:, :-1]
-    start = jnp.repeat(inputs.next_position, num_samples)  # [R]: the position of completion token 0
+    start = jnp.repeat(next_position, g)  # [R]: the position of completion token 0
     positions = jnp.broadcast_to((start[:, None] + jnp.arange(n - 1))[None], (3, r, n - 1))
     states, _, _ = llm.decoder.attend(llm.decoder.embed(fed), positions, arrays["completion_mask"][:, :-1], memory)
     hidden = jnp.concatenate([first_state[:, None].astype(states.dtype), states], axis=1)
@@ -126,10 +152,11 @@ class GRPOLoss:
     stored_old: bool  # num_iterations > 1: the old log-probs were scored before the first update
     max_completion_length: int
     accumulate: int  # micro-batches per update: the trainer averages their losses
+    streamed: tuple | None = None  # (BufferLayout, HVRConfig): the prompts' videos are streamed into memory
 
     def __call__(self, model: GroundingModel, arrays: dict, plan, key):
         del key  # no dropout in RL updates (the rollouts had none either)
-        logps = completion_logprobs(model, arrays, plan, self.num_samples, self.temperature)
+        logps = completion_logprobs(model, arrays, plan, self.num_samples, self.temperature, self.streamed)
         mask = arrays["completion_mask"].astype(jnp.float32)
         old = arrays["old_logps"] if self.stored_old else jax.lax.stop_gradient(logps)
         loss, metrics = grpo_lib.grpo_loss(
@@ -171,13 +198,13 @@ class RolloutTransform:
         }
 
 
-def _score_fn(graphdef, state, arrays, plan, *, num_samples, temperature, base):
+def _score_fn(graphdef, state, arrays, plan, *, num_samples, temperature, base, streamed):
     model = nnx.merge(graphdef, state)
     with adapters_disabled(model) if base else contextlib.nullcontext():
-        return completion_logprobs(model, arrays, plan, num_samples, temperature)
+        return completion_logprobs(model, arrays, plan, num_samples, temperature, streamed)
 
 
-_score = jax.jit(_score_fn, static_argnames=("graphdef", "num_samples", "temperature", "base"))
+_score = jax.jit(_score_fn, static_argnames=("graphdef", "num_samples", "temperature", "base", "streamed"))
 
 
 class GRPO:
@@ -228,20 +255,8 @@ class GRPO:
             [self.encoder.prompt(text, video) for text, video in prompts], len(batch["valid"]), self.buckets
         )
         arrays["valid"][len(rows) :] = False
-        arrays = device_batch(arrays)
-        plan = batch_plan(arrays, self.model_config, self.encoder.config.frame_size)
-
         tick = time.perf_counter()
-        gen = sampling.generate(
-            model.llm,
-            batch_inputs(arrays, self.model_config, plan),
-            sampling.SamplingConfig(
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
-            ),
-            end_ids=self.end_ids,
-            rng=jax.random.fold_in(jax.random.key(config.seed), step),
-            num_samples=config.num_samples,
-        )
+        arrays, gen = self._rollout(model, arrays, step)
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
         rollout_seconds = time.perf_counter() - tick
 
@@ -267,7 +282,8 @@ class GRPO:
         }
         zeros = np.zeros(tokens.shape, np.float32)
         graphdef, state = nnx.split(model)
-        score = functools.partial(_score, num_samples=g, temperature=config.temperature)
+        plan, streamed = self._plan(arrays, len(arrays["valid"]))
+        score = functools.partial(_score, num_samples=g, temperature=config.temperature, streamed=streamed)
         arrays["old_logps"] = (
             np.asarray(score(graphdef, state, arrays, plan, base=False)) if config.num_iterations > 1 else zeros
         )
@@ -300,7 +316,7 @@ class GRPO:
 
     def prepare(self, arrays: dict, micro_batch: int):
         config = self.config
-        plan = batch_plan(arrays, self.model_config, self.encoder.config.frame_size, batch_size=micro_batch)
+        plan, streamed = self._plan(arrays, micro_batch)
         loss = GRPOLoss(
             num_samples=config.num_samples,
             temperature=config.temperature,
@@ -313,8 +329,46 @@ class GRPO:
             stored_old=config.num_iterations > 1,
             max_completion_length=config.max_new_tokens,
             accumulate=len(arrays["valid"]) * jax.process_count() // micro_batch,
+            streamed=streamed,
         )
         return plan, loss
+
+    def _plan(self, arrays: dict, micro_batch: int):
+        """The vision plan of `micro_batch` prompts and, when streaming, (BufferLayout, HVRConfig)."""
+        frame_size = self.encoder.config.frame_size
+        streaming = self.config.streaming
+        if streaming is None:
+            return batch_plan(arrays, self.model_config, frame_size, batch_size=micro_batch), None
+        n, segment_tokens = np.shape(arrays["segment_valid"])[1:]
+        layout = streaming_lib.BufferLayout.build(
+            streaming, np.shape(arrays["prefix_ids"])[1], segment_tokens // streaming.segment_frames
+        )
+        # The frames of all segments of a micro-batch go through the vision tower together.
+        plan = streaming_lib.plan_for(self.model_config, streaming, frame_size, micro_batch * n)
+        return plan, (layout, streaming.hvr)
+
+    def _rollout(self, model: GroundingModel, arrays: dict, step: int):
+        """G completions per prompt of the padded prompt `arrays`, sharing each prompt's prefill (or its streamed
+        memory). Returns (the arrays the loss reads: the prompt's, or its streamed cut, on device; Generation)."""
+        config = self.config
+        sampling_config = sampling.SamplingConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+        )
+        generate = dict(end_ids=self.end_ids, rng=jax.random.fold_in(jax.random.key(config.seed), step))
+        frame_size = self.encoder.config.frame_size
+        if config.streaming is None:
+            arrays = device_batch(arrays)
+            inputs = batch_inputs(arrays, self.model_config, batch_plan(arrays, self.model_config, frame_size))
+            return arrays, sampling.generate(model.llm, inputs, sampling_config, num_samples=config.num_samples, **generate)
+        streamed = streaming_lib.split_batch(arrays, self.model_config, config.streaming, frame_size)
+        streamed["valid"] = arrays["valid"]
+        video = streaming_lib.stream_prompt(model.llm, streamed, config.streaming, frame_size)
+        context = streaming_lib.answer_memory(video.layout, video.memory)  # the coarse stage: HVR only
+        question = streaming_lib.suffix_inputs(streamed)
+        gen = sampling.generate(
+            model.llm, question, sampling_config, num_samples=config.num_samples, memory=context, **generate
+        )
+        return device_batch(streamed), gen
 
     # --- Host side -----------------------------------------------------------------------------------------------
 
@@ -366,12 +420,15 @@ def grpo_config(config) -> GRPOConfig:
         iou=g.iou,
         thinking=config.answer.thinking,
         seed=config.seed,
+        streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
     )
 
 
 @register_objective("invert4tvg")
 def grpo_objective(config, model_config: ModelConfig, checkpoint: str, samples) -> GRPO:
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=True))
+    encoder = ChatEncoder(
+        checkpoint, EncoderConfig.from_config(config, train=True), video_first=settings.video_first(config)
+    )
     tokenizer = encoder.tokenizer
     end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if tokenizer.tokenizer.eos_token_id is not None:

@@ -25,9 +25,16 @@ LLM_MODES = ("full", "lora", "frozen")
 
 @dataclasses.dataclass(frozen=True)
 class TrainableConfig:
-    llm: str = "full"  # "full" | "lora" | "frozen"
-    vision: bool = False  # train the vision tower (its merger always trains)
-    embeddings: str = "new_tokens"  # "all" | "new_tokens": rows of embed_tokens / lm_head that train
+    """Built from the config's `trainable` section (its values are the defaults: configs/meco.py)."""
+
+    llm: str  # "full" | "lora" | "frozen"
+    vision: bool  # train the vision tower (its merger always trains)
+    embeddings: str  # "all" | "new_tokens": rows of embed_tokens / lm_head that train
+
+    @classmethod
+    def from_config(cls, config) -> TrainableConfig:
+        t = config.trainable
+        return cls(llm=t.llm, vision=t.vision, embeddings=t.embeddings)
 
 
 def _path_str(path) -> str:
@@ -58,14 +65,29 @@ def trainable_filter(config: TrainableConfig):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = 2e-5
-    lora_learning_rate: float = 5e-5
-    warmup_fraction: float = 0.03
-    weight_decay: float = 0.0
+    """Built from the config's `optimizer` section and `train.steps` (their values are the defaults:
+    configs/meco.py); Adam's betas are not in the configs: every recipe uses these."""
+
+    learning_rate: float
+    lora_learning_rate: float
+    warmup_fraction: float
+    weight_decay: float
+    grad_clip: float
+    total_steps: int
     b1: float = 0.9
     b2: float = 0.999
-    grad_clip: float = 1.0
-    total_steps: int = 1000
+
+    @classmethod
+    def from_config(cls, config) -> OptimizerConfig:
+        o = config.optimizer
+        return cls(
+            learning_rate=o.learning_rate,
+            lora_learning_rate=o.lora_learning_rate,
+            warmup_fraction=o.warmup_fraction,
+            weight_decay=o.weight_decay,
+            grad_clip=o.grad_clip,
+            total_steps=config.train.steps,
+        )
 
 
 def _schedule(peak: float, config: OptimizerConfig):
@@ -91,11 +113,6 @@ def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformat
         optax.clip_by_global_norm(config.grad_clip),
         optax.multi_transform({"base": adamw(config.learning_rate), "lora": adamw(config.lora_learning_rate)}, labels),
     )
-
-
-def learning_rate_at(config: OptimizerConfig, step) -> jax.Array:
-    """The base group's learning rate at `step` (for logging)."""
-    return _schedule(config.learning_rate, config)(step)
 
 
 def mask_token_rows(grads, token_ids, enabled: bool):

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrounding import settings
 from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_plan, device_batch
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
@@ -169,8 +168,8 @@ def sft_objective(config, model_config: ModelConfig, checkpoint: str, samples) -
     """MeCo and TimeScope train with SFT (TimeScope's config has `streaming` settings)."""
     sft = SFTConfig(
         st_weight=config.train.st_weight,
-        streaming=settings.streaming_config(config),
-        coarse_to_fine=settings.coarse_to_fine_config(config),
+        streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
+        coarse_to_fine=coarse_to_fine.CoarseToFineConfig.from_config(config),
         seed=config.seed,
     )
     return SFT(sft, model_config, tuple(config.data.frame_size))

@@ -23,6 +23,7 @@ picks the config's `method`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
@@ -82,6 +83,14 @@ class TrainerConfig:
     accumulate: int  # micro-batches per update
     trainable: optim.TrainableConfig
     optimizer: optim.OptimizerConfig
+
+    @classmethod
+    def from_config(cls, config) -> TrainerConfig:
+        return cls(
+            accumulate=config.train.accumulate,
+            trainable=optim.TrainableConfig.from_config(config),
+            optimizer=optim.OptimizerConfig.from_config(config),
+        )
 
 
 class Trainer:
@@ -161,12 +170,15 @@ class Trainer:
             raise ValueError(f"batch size {b} is not divisible by accumulate={self.config.accumulate}")
         # Shapes first (processes pad their rows to their own buckets), then the plan from them; the plan is for
         # one micro-batch of the global batch.
+        tick = time.perf_counter()
         arrays, host_metrics = self.objective.host_arrays(batch, step, self.model)
+        host_seconds = time.perf_counter() - tick
         arrays = parallel.agree_shapes(arrays)
         plan, loss = self.objective.prepare(arrays, b * jax.process_count() // self.config.accumulate)
         if self.mesh is not None:
             arrays = parallel.global_batch(arrays, self.mesh)
         updates = []
+        tick = time.perf_counter()
         for i in range(self.objective.updates_per_batch):
             key_data = None
             if rng is not None:
@@ -177,5 +189,7 @@ class Trainer:
                 self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss
             )
             updates.append(jax.device_get(metrics))
+        # device_get above waited for the updates: this is their wall time, compilation included on a new shape.
+        timing = {"host_seconds": host_seconds, "update_seconds": time.perf_counter() - tick}
         mean = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
-        return host_metrics | mean
+        return host_metrics | mean | timing

@@ -80,38 +80,17 @@ def test_transient_events_are_visible_on_every_frame_of_their_windows(synthetic_
             assert _changed(frames[k], rest) >= 20, (path, t[k])
 
 
-def test_state_changes_happen_only_inside_their_windows(tmp_path):
-    """The older family (state changes, 3 x 3 layout): each event changes the picture over its
-    window, and nothing changes between two frames unless a window lies between them."""
-    old = scenes.SceneConfig(transient=False, grid=3, object_scale=0.13)
-    config = SyntheticConfig(splits=(("train", 8),), scene=old)
-    splits = ensure_synthetic_dataset(tmp_path, config)
-    for path, windows in _windows_by_video({"train": splits["train"], "val": []}).items():
-        video = read_video(path, fps=None)
-        frames, t = video.frames, video.timestamps
-        inside = np.zeros(len(t) - 1, bool)  # Step k goes from frame k to frame k+1.
-        for start, end in windows:
-            in_window = np.nonzero((t >= start) & (t <= end))[0]
-            first = frames[in_window[0]]
-            assert max(_changed(frames[k], first) for k in in_window) >= 20, (path, start)
-            inside |= (t[1:] > start) & (t[:-1] < end)
-        for k in np.nonzero(~inside)[0]:
-            assert _changed(frames[k + 1], frames[k]) == 0, (path, t[k])
-
-
 def test_transient_text_says_the_object_returns():
     """Transient queries ask for a state ("bigger"), captions end with the return to rest."""
     rng = np.random.default_rng(0)
-    for transient in (True, False):
-        cfg = scenes.SceneConfig(transient=transient)
-        for _ in range(30):
-            scene = scenes.sample_scene(rng, cfg)
-            for event in scene.events:
-                assert event.transient == transient
-                text = scenes.describe(scene, event, rng, cfg.task_phrasing)
-                obj = scene.objects[event.obj]
-                assert f"{obj.colour} {obj.shape}" in text.query and f"{obj.colour} {obj.shape}" in text.caption
-                assert ("then" in text.caption) == transient, text.caption
+    cfg = scenes.SceneConfig()
+    for _ in range(30):
+        scene = scenes.sample_scene(rng, cfg)
+        for event in scene.events:
+            text = scenes.describe(scene, event, rng, cfg.task_phrasing)
+            obj = scene.objects[event.obj]
+            assert f"{obj.colour} {obj.shape}" in text.query and f"{obj.colour} {obj.shape}" in text.caption
+            assert "then" in text.caption, text.caption
 
 
 def test_event_kinds_restricts_the_events():
@@ -134,15 +113,15 @@ def test_manifest_records_the_scene_and_a_scene_change_regenerates(tmp_path):
     with open(tmp_path / "manifest.json") as f:
         manifest = json.load(f)
     assert manifest["config"]["scene"] == json.loads(json.dumps(dataclasses.asdict(config.scene)))
-    assert manifest["config"]["scene"]["transient"] is True
+    assert manifest["config"]["scene"]["task_phrasing"] == 0.5
     stamp = os.stat(first["train"][0].video).st_mtime_ns
 
-    changed = dataclasses.replace(config, scene=dataclasses.replace(config.scene, transient=False))
+    changed = dataclasses.replace(config, scene=dataclasses.replace(config.scene, task_phrasing=1.0))
     second = ensure_synthetic_dataset(tmp_path, changed)
     assert [s.query for s in second["train"]] != [s.query for s in first["train"]]
     assert os.stat(second["train"][0].video).st_mtime_ns != stamp
     with open(tmp_path / "manifest.json") as f:
-        assert json.load(f)["config"]["scene"]["transient"] is False
+        assert json.load(f)["config"]["scene"]["task_phrasing"] == 1.0
 
 
 def test_manifest_from_an_older_generator_regenerates(tmp_path):
@@ -153,7 +132,7 @@ def test_manifest_from_an_older_generator_regenerates(tmp_path):
     path = tmp_path / "manifest.json"
     with open(path) as f:
         manifest = json.load(f)
-    del manifest["config"]["scene"]["transient"]
+    del manifest["config"]["scene"]["clock"]
     manifest["config"]["version"] -= 1
     with open(path, "w") as f:
         json.dump(manifest, f)

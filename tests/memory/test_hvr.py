@@ -146,7 +146,7 @@ def test_downsample_validation(shape, temporal, spatial, head_dim, match):
             k,
             k,
             positions,
-            config=HVRConfig(temporal, spatial),
+            config=HVRConfig(temporal, spatial, impl="auto"),
             head_dim=head_dim,
             rope_theta=THETA,
             mrope_section=section,
@@ -157,13 +157,19 @@ def test_downsample_validates_positions_section_and_impl():
     k = jnp.zeros((1, 1, 4, 4, 1, 8))
     good = {"head_dim": 8, "rope_theta": THETA, "mrope_section": (2, 1, 1)}
     with pytest.raises(ValueError, match=r"positions must be \[3, B, F, P\]"):
-        hvr_downsample(k, k, jnp.zeros((3, 1, 4, 5)), config=HVRConfig(2), **good)
+        hvr_downsample(k, k, jnp.zeros((3, 1, 4, 5)), config=HVRConfig(2, spatial=1, impl="auto"), **good)
     with pytest.raises(ValueError, match="must sum to head_dim // 2 = 4"):
-        hvr_downsample(k, k, jnp.zeros((3, 1, 4, 4)), config=HVRConfig(2), **{**good, "mrope_section": (2, 2, 2)})
+        hvr_downsample(
+            k,
+            k,
+            jnp.zeros((3, 1, 4, 4)),
+            config=HVRConfig(2, spatial=1, impl="auto"),
+            **{**good, "mrope_section": (2, 2, 2)},
+        )
     with pytest.raises(ValueError, match="values must match"):
-        hvr_downsample(k, k[..., :4], jnp.zeros((3, 1, 4, 4)), config=HVRConfig(2), **good)
+        hvr_downsample(k, k[..., :4], jnp.zeros((3, 1, 4, 4)), config=HVRConfig(2, spatial=1, impl="auto"), **good)
     with pytest.raises(ValueError, match="impl must be one of"):
-        hvr_downsample(k, k, jnp.zeros((3, 1, 4, 4)), config=HVRConfig(2, impl="triton"), **good)
+        hvr_downsample(k, k, jnp.zeros((3, 1, 4, 4)), config=HVRConfig(2, impl="triton", spatial=1), **good)
 
 
 def test_auto_dispatch(monkeypatch):
@@ -182,11 +188,35 @@ def test_auto_dispatch(monkeypatch):
     section = (2, 1, 1)
     k = jnp.ones((1, 1, 4, 4, 1, 8))
     positions = jnp.zeros((3, 1, 4, 4), jnp.int32)
-    hvr_downsample(k, k, positions, config=HVRConfig(2), head_dim=8, rope_theta=THETA, mrope_section=section)
+    hvr_downsample(
+        k,
+        k,
+        positions,
+        config=HVRConfig(2, spatial=1, impl="auto"),
+        head_dim=8,
+        rope_theta=THETA,
+        mrope_section=section,
+    )
     assert calls == []  # cpu: the reference
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    hvr_downsample(k, k, positions, config=HVRConfig(2), head_dim=8, rope_theta=THETA, mrope_section=section)
+    hvr_downsample(
+        k,
+        k,
+        positions,
+        config=HVRConfig(2, spatial=1, impl="auto"),
+        head_dim=8,
+        rope_theta=THETA,
+        mrope_section=section,
+    )
     assert calls == [False]  # gpu: the compiled kernel
     k12 = jnp.ones((1, 1, 4, 4, 1, 12))  # D / 2 = 6: no power-of-two Triton tile, so "auto" falls back
-    hvr_downsample(k12, k12, positions, config=HVRConfig(2), head_dim=12, rope_theta=THETA, mrope_section=(4, 1, 1))
+    hvr_downsample(
+        k12,
+        k12,
+        positions,
+        config=HVRConfig(2, spatial=1, impl="auto"),
+        head_dim=12,
+        rope_theta=THETA,
+        mrope_section=(4, 1, 1),
+    )
     assert calls == [False]

@@ -67,7 +67,11 @@ def test_unpooled_streaming_equals_the_full_forward(setup, recent):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
     cfg = streaming.StreamingConfig(
-        segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1), recent_segments=recent, max_segments=8
+        segment_frames=2,
+        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
+        recent_segments=recent,
+        max_segments=8,
+        dvr_placement="auto",
     )
     full, frames, frame_valid, cache = _full(model, batch, frame_size)
     arrays, layout, out = _stream(model, batch, frame_size, cfg)
@@ -82,7 +86,13 @@ def test_unpooled_streaming_equals_the_full_forward(setup, recent):
 def test_hvr_keys_at_r1_are_the_full_forward_cache(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1), max_segments=8)
+    cfg = streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
+        max_segments=8,
+        recent_segments=0,
+        dvr_placement="auto",
+    )
     _, _, _, cache = _full(model, batch, frame_size)
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     b, tp = arrays["prefix_ids"].shape
@@ -103,7 +113,13 @@ def test_hvr_keys_at_r1_are_the_full_forward_cache(setup):
 def test_memory_order_does_not_change_the_answer(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2, spatial=1), max_segments=8)
+    cfg = streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
+        max_segments=8,
+        recent_segments=0,
+        dvr_placement="auto",
+    )
     arrays, layout, _ = _stream(model, batch, frame_size, cfg)
     b = arrays["prefix_ids"].shape[0]
     t = model.llm.config.text
@@ -128,7 +144,13 @@ def test_reloading_every_segment_shows_the_dvr_instead_of_the_hvr(setup):
     r = 1 that is again the full forward, while the coarse stage with r = 2 is not."""
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2, spatial=1), max_segments=8)
+    cfg = streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
+        max_segments=8,
+        recent_segments=0,
+        dvr_placement="auto",
+    )
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     n = arrays["segment_valid"].shape[1]
     _, _, coarse = _stream(model, batch, frame_size, cfg)
@@ -143,7 +165,11 @@ def test_sharded_streaming_equals_single_device(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
     cfg = streaming.StreamingConfig(
-        segment_frames=2, hvr=HVRConfig(temporal=2, spatial=1), recent_segments=1, max_segments=8
+        segment_frames=2,
+        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
+        recent_segments=1,
+        max_segments=8,
+        dvr_placement="auto",
     )
     _, _, single = _stream(model, batch, frame_size, cfg, hidden_layers=(-2,))
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
@@ -159,7 +185,13 @@ def test_sharded_streaming_equals_single_device(setup):
 def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prompt(setup, tmp_path):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1), max_segments=8)
+    cfg = streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
+        max_segments=8,
+        recent_segments=0,
+        dvr_placement="auto",
+    )
     llm = model.llm
     # Prompts only: cut every row at its response (the loss mask marks it).
     prompt = dict(batch)
@@ -170,7 +202,7 @@ def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prom
     inputs = dataclasses.replace(
         inputs, next_position=jnp.max(jnp.where(keep[None], inputs.positions, -1), axis=(0, 2)) + 1
     )
-    sampling_config = sampling.SamplingConfig(max_new_tokens=6)
+    sampling_config = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, top_p=1.0)
     want = sampling.generate(llm, inputs, sampling_config, end_ids=[0], hidden_layers=(-2,))
 
     split = streaming.split_batch(prompt, llm.config, cfg, frame_size)
@@ -193,7 +225,11 @@ def test_inference_fine_stage_sees_what_training_saw(setup, placement):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
     cfg = streaming.StreamingConfig(
-        segment_frames=2, hvr=HVRConfig(temporal=2, spatial=1), max_segments=8, dvr_placement=placement
+        segment_frames=2,
+        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
+        max_segments=8,
+        dvr_placement=placement,
+        recent_segments=0,
     )
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     b, n = arrays["segment_valid"].shape[:2]
@@ -220,7 +256,13 @@ def test_inference_fine_stage_sees_what_training_saw(setup, placement):
 def test_streamed_memory_is_sharded_by_batch_and_kv_heads(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2), max_segments=8, dvr_placement="device")
+    cfg = streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
+        max_segments=8,
+        dvr_placement="device",
+        recent_segments=0,
+    )
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     single = streaming.stream_prompt(model.llm, arrays, cfg, frame_size)
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
@@ -243,7 +285,13 @@ def test_pallas_kernel_in_interpret_mode_streams_like_the_reference(setup):
     frame_size = tuple(config.data.frame_size)
     memories = []
     for impl in ("reference", "pallas_interpret"):
-        cfg = streaming.StreamingConfig(segment_frames=2, hvr=HVRConfig(temporal=2, impl=impl), max_segments=8)
+        cfg = streaming.StreamingConfig(
+            segment_frames=2,
+            hvr=HVRConfig(temporal=2, impl=impl, spatial=1),
+            max_segments=8,
+            recent_segments=0,
+            dvr_placement="auto",
+        )
         arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
         memories.append(streaming.stream_prompt(model.llm, arrays, cfg, frame_size).memory)
     np.testing.assert_allclose(np.asarray(memories[0].keys), np.asarray(memories[1].keys), atol=1e-6)

@@ -15,20 +15,20 @@ def test_segment_spans_cover_the_grids_and_mark_missing_segments():
 
 def test_segments_for_interval_adds_the_margin_and_keeps_the_nearest():
     spans = np.array([[0, 8], [8, 16], [16, 24], [24, 32], [np.nan, np.nan]])
-    cfg = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=4)
+    cfg = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=4, fine_fraction=0.5, jitter=0.5)
     np.testing.assert_array_equal(c2f.segments_for_interval((9, 15), spans, cfg), [1])
     np.testing.assert_array_equal(c2f.segments_for_interval((7, 17), spans, cfg), [0, 1, 2])
-    wide = c2f.CoarseToFineConfig(margin=2.0, max_reload_segments=4)
+    wide = c2f.CoarseToFineConfig(margin=2.0, max_reload_segments=4, fine_fraction=0.5, jitter=0.5)
     np.testing.assert_array_equal(c2f.segments_for_interval((9, 15), spans, wide), [0, 1, 2])
     # Capped at two: the two segments whose centres are nearest the interval's centre (12.5).
-    capped = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=2)
+    capped = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=2, fine_fraction=0.5, jitter=0.5)
     np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped), [1, 2])
     # An interval past the end still reloads the nearest segment.
     np.testing.assert_array_equal(c2f.segments_for_interval((40, 41), spans, cfg), [3])
 
 
 def test_jitter_stays_near_the_window_inside_the_video():
-    cfg = c2f.CoarseToFineConfig(jitter=0.5)
+    cfg = c2f.CoarseToFineConfig(jitter=0.5, margin=2.0, max_reload_segments=4, fine_fraction=0.5)
     rng = np.random.default_rng(0)
     for _ in range(200):
         a, b = c2f.jitter_window((10.0, 20.0), 25.0, rng, cfg)
@@ -48,7 +48,7 @@ def test_training_reloads_marks_segments_near_the_ground_truth(fraction, expecte
         "duration": np.full(3, 40.0),
         "id": np.array(["a", "b", ""]),
     }
-    cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=fraction, jitter=0.0)
+    cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=fraction, jitter=0.0, max_reload_segments=4)
     reloaded = c2f.training_reloads(batch, segment_frames=4, num_segments=5, config=cfg, seed=0, step=3)
     assert reloaded.shape == (3, 5)
     assert reloaded.any(axis=1).sum() == expected_rows
@@ -76,7 +76,7 @@ def test_training_reloads_depend_on_the_sample_not_its_batch():
             "id": np.asarray(ids),
         }
 
-    cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=0.5, jitter=1.0)
+    cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=0.5, jitter=1.0, max_reload_segments=4)
     both = c2f.training_reloads(batch(["x", "y"], [[5, 9], [20, 26]]), 2, 20, cfg, seed=1, step=7)
     alone = c2f.training_reloads(batch(["y"], [[20, 26]]), 2, 20, cfg, seed=1, step=7)
     np.testing.assert_array_equal(both[1], alone[0])

@@ -8,7 +8,7 @@ import pytest
 
 from jaxgrounding.data import synthetic_scenes as scenes
 from jaxgrounding.tasks import verbs
-from jaxgrounding.tasks.verbs import MAX_TOKENS, backend, lemma, verb_lemmas, verb_spans
+from jaxgrounding.tasks.verbs import MAX_TOKENS, lemma, verb_lemmas, verb_spans
 
 # Sentences in the style of Charades-STA queries and the Invert4TVG paper's examples (sec. 2.2, fig. 1,
 # appendix E), with the verb lemmas spaCy's rule gives (POS VERB, auxiliaries out). The lexicon backend's
@@ -326,10 +326,7 @@ def test_long_text_is_cut_and_fast():
 
 TASK_VERBS = {"find", "locate"}  # verbs that name the task, not the event
 # Phrasings that name a state, not a change: their recorded verb is the caption's.
-STATIVE = {
-    (True, False, "grow"), (True, False, "shrink"), (True, False, "appear"), (True, False, "change_colour"),
-    (True, True, "grow"), (True, True, "shrink"),
-}  # fmt: skip
+STATIVE = {(False, "grow"), (False, "shrink"), (False, "appear"), (False, "change_colour"), (True, "grow"), (True, "shrink")}
 
 
 def _fields():
@@ -340,16 +337,11 @@ def _fields():
 
 
 def test_every_synthetic_query_contains_its_recorded_verbs():
-    tables = {
-        (False, False): (scenes._EXPLICIT, scenes._CAPTION),
-        (False, True): (scenes._TASK, scenes._CAPTION),
-        (True, False): (scenes._TRANSIENT_EXPLICIT, scenes._TRANSIENT_CAPTION),
-        (True, True): (scenes._TRANSIENT_TASK, scenes._TRANSIENT_CAPTION),
-    }
+    tables = {False: (scenes._EXPLICIT, scenes._CAPTION), True: (scenes._TASK, scenes._CAPTION)}
     assert set(tables) == set(scenes._QUERY_VERBS)
     stative = set()
-    for (transient, task), (queries, captions) in tables.items():
-        recorded_by_kind = scenes._QUERY_VERBS[(transient, task)]
+    for task, (queries, captions) in tables.items():
+        recorded_by_kind = scenes._QUERY_VERBS[task]
         assert set(recorded_by_kind) == set(scenes.EVENT_KINDS) == set(queries)
         for kind in scenes.EVENT_KINDS:
             recorded = set(recorded_by_kind[kind])
@@ -361,19 +353,18 @@ def test_every_synthetic_query_contains_its_recorded_verbs():
                 # A state ("bigger"): the query has no event verb and the caption has the recorded one.
                 assert found <= TASK_VERBS, (queries[kind], found, recorded)
                 assert recorded <= set(verb_lemmas(captions[kind].format(**fields))), captions[kind]
-                stative.add((transient, task, kind))
+                stative.add((task, kind))
     assert stative == STATIVE
 
 
 def test_described_events_record_the_verbs_of_their_phrasing():
     rng = np.random.default_rng(0)
-    for transient in (True, False):
-        cfg = scenes.SceneConfig(transient=transient)
-        for _ in range(40):
-            scene = scenes.sample_scene(rng, cfg)
-            for event in scene.events:
-                text = scenes.describe(scene, event, rng, cfg.task_phrasing)
-                in_query = set(verb_lemmas(text.query))
-                assert set(text.verbs) <= in_query or (
-                    in_query <= TASK_VERBS and set(text.verbs) <= set(verb_lemmas(text.caption))
-                ), (text.query, text.verbs)
+    cfg = scenes.SceneConfig()
+    for _ in range(40):
+        scene = scenes.sample_scene(rng, cfg)
+        for event in scene.events:
+            text = scenes.describe(scene, event, rng, cfg.task_phrasing)
+            in_query = set(verb_lemmas(text.query))
+            assert set(text.verbs) <= in_query or (
+                in_query <= TASK_VERBS and set(text.verbs) <= set(verb_lemmas(text.caption))
+            ), (text.query, text.verbs)

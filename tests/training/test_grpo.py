@@ -16,9 +16,11 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data import padding
 from jaxgrounding.grounding_model import batch_inputs, batch_plan
-from jaxgrounding.objectives.lm import next_token_logprobs
+from jaxgrounding.memory import streaming as streaming_lib
+from jaxgrounding.memory.hvr import HVRConfig
+from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
 from jaxgrounding.tasks import timestamps
-from jaxgrounding.tasks.encoding import ChatEncoder
+from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig
 from jaxgrounding.train import train_and_evaluate
 from jaxgrounding.training import experiment, grpo
 
@@ -54,7 +56,7 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
     model, _ = experiment.build_model(config, checkpoint)
-    encoder = ChatEncoder(checkpoint, settings.encoder_config(config, train=False))
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False))
     videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
     prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
     arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
@@ -92,10 +94,72 @@ def test_completion_logprobs_equal_a_full_forward(tmp_path):
     }
     inputs = batch_inputs(full, model.llm.config, batch_plan(full, model.llm.config, (56, 56)))
     out = model.llm.forward(inputs, logits=False)
-    logp = np.asarray(next_token_logprobs(model.llm, out.last_hidden_state, jnp.asarray(full["input_ids"]), temperature=0.7))
+    ids = jnp.asarray(full["input_ids"])
+    head = lm_head_matrix(model.llm)
+    logp = np.asarray(token_logprobs(out.last_hidden_state[:, :-1], head, ids[:, 1:], temperature=0.7))
     for r in range(2 * g):
         at = prompt_lengths[r // g] - 1 + np.arange(lengths[r])
         np.testing.assert_allclose(got[r, : lengths[r]], logp[r, at], atol=2e-5, err_msg=f"row {r}")
+
+
+def test_streamed_completion_logprobs_equal_the_whole_prompts_at_r1(tmp_path):
+    """G samples over one streamed video (HVR at r = 1 keeps every key) score as over the whole prompt."""
+    config = micro_config(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    model, _ = experiment.build_model(config, checkpoint)
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False), video_first=True)
+    videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
+    prompts = [encoder.prompt(timestamps.grounding_prompt(s.query, thinking=False), v) for s, v in zip(train, videos)]
+    arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
+    g, n = 2, 4
+    completions = np.random.default_rng(1).integers(10, 200, size=(2 * g, n)).astype(np.int32)
+    mask = np.arange(n)[None] < np.array([4, 2, 3, 1])[:, None]
+    completion = {"completion_ids": completions, "completion_mask": mask}
+    want = grpo.completion_logprobs(
+        model, arrays | completion, batch_plan(arrays, model.llm.config, (56, 56)), g, temperature=1.0
+    )
+
+    cfg = streaming_lib.StreamingConfig(
+        segment_frames=2, hvr=HVRConfig(temporal=1, spatial=1, impl="auto"), recent_segments=0, max_segments=8,
+        dvr_placement="auto",
+    )
+    cut = streaming_lib.split_batch(arrays, model.llm.config, cfg, (56, 56))
+    segments = cut["segment_valid"].shape[1]
+    layout = streaming_lib.BufferLayout.build(cfg, cut["prefix_ids"].shape[1], cut["segment_valid"].shape[2] // 2)
+    plan = streaming_lib.plan_for(model.llm.config, cfg, (56, 56), 2 * segments)
+    got = grpo.completion_logprobs(model, cut | completion, plan, g, temperature=1.0, streamed=(layout, cfg.hvr))
+    np.testing.assert_allclose(np.where(mask, got, 0), np.where(mask, want, 0), atol=2e-5)
+
+
+def test_grpo_over_the_streamed_memory_trains(tmp_path, monkeypatch):
+    """The GRPO step with TimeScope's streamed memory: rollouts continue each streamed video G times, the update
+    streams it once per prompt; the loss is finite and the policy moves (an untrained model earns no reward, so a
+    stand-in reward that varies within each group, the completion's length, gives the advantages)."""
+    monkeypatch.setattr(grpo.rewards, "task_rewards", lambda text, sample, task, **_: {"length": float(len(text) % 3)})
+    config = micro_config(tmp_path / "data")
+    config.memory = "streaming"
+    config.streaming.update(segment_frames=2, hvr_temporal=2)
+    config.warm_start.steps = 0
+    config.train.steps = 2
+    config.grpo.num_iterations = 1
+    config.grpo.grounding_prob = 1.0
+    workdir = str(tmp_path / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    transform = experiment.train_transform(config, checkpoint, train)
+    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
+    batches = iter(data_lib.make_pipeline(train, pipeline, transform))
+    model, tokenizer = experiment.build_model(config, checkpoint)
+    trainer = experiment.build_trainer(config, model, tokenizer, checkpoint, train)
+    assert trainer.objective.encoder.video_first
+    before = jax.tree.map(np.asarray, trainer.trainable)
+    for step in range(2):
+        metrics = trainer.step(next(batches), rng=jax.random.key(step), step=step)
+        assert np.isfinite(metrics["loss"]) and metrics["frac_reward_zero_std"] < 1.0, metrics
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), trainer.trainable, before)
+    assert max(jax.tree.leaves(moved)) > 0
 
 
 def _jsonl(path):

@@ -26,24 +26,30 @@ def _names(model, config):
 
 def test_trainable_groups(checkpoint):
     model = GroundingModel(jm.from_pretrained(checkpoint), rngs=nnx.Rngs(0))
-    full = _names(model, optim.TrainableConfig(llm="full", vision=False))
+    full = _names(model, optim.TrainableConfig(llm="full", vision=False, embeddings="new_tokens"))
     assert "llm.decoder.layers.mlp.up_proj.kernel" in full and "heads.logit_scale" in full
     assert "llm.visual.merger.fc1.kernel" in full and "llm.visual.blocks.attn.qkv.kernel" not in full
-    assert "llm.visual.blocks.attn.qkv.kernel" in _names(model, optim.TrainableConfig(vision=True))
+    assert "llm.visual.blocks.attn.qkv.kernel" in _names(
+        model, optim.TrainableConfig(vision=True, llm="full", embeddings="new_tokens")
+    )
 
     apply_lora(model.llm, rank=2, alpha=4.0)
-    lora = _names(model, optim.TrainableConfig(llm="lora"))
+    lora = _names(model, optim.TrainableConfig(llm="lora", vision=False, embeddings="new_tokens"))
     assert "llm.decoder.layers.self_attn.q_proj.lora_a" in lora
     assert "llm.decoder.layers.self_attn.q_proj.kernel" not in lora
     assert "llm.decoder.embed_tokens" in lora  # only its new rows will move (mask_token_rows)
-    assert "llm.decoder.layers.self_attn.q_proj.lora_a" not in _names(model, optim.TrainableConfig(llm="full"))
+    assert "llm.decoder.layers.self_attn.q_proj.lora_a" not in _names(
+        model, optim.TrainableConfig(llm="full", vision=False, embeddings="new_tokens")
+    )
     with pytest.raises(ValueError, match="llm mode"):
-        optim.trainable_filter(optim.TrainableConfig(llm="half"))
+        optim.trainable_filter(optim.TrainableConfig(llm="half", vision=False, embeddings="new_tokens"))
 
 
 def test_mask_token_rows_keeps_only_new_rows(checkpoint):
     model = GroundingModel(jm.from_pretrained(checkpoint), rngs=nnx.Rngs(0))
-    grads = nnx.state(model, optim.trainable_filter(optim.TrainableConfig()))
+    grads = nnx.state(
+        model, optim.trainable_filter(optim.TrainableConfig(llm="full", vision=False, embeddings="new_tokens"))
+    )
     grads = nnx.from_flat_state([(k, v.replace(jnp.ones_like(v.get_value()))) for k, v in nnx.to_flat_state(grads)])
     masked = dict(nnx.to_flat_state(optim.mask_token_rows(grads, [3, 7], True)))
     embed = np.asarray(masked[("llm", "decoder", "embed_tokens")].get_value())
@@ -57,8 +63,17 @@ def test_mask_token_rows_keeps_only_new_rows(checkpoint):
 def test_optimizer_groups_lora_at_its_own_rate(checkpoint):
     model = GroundingModel(jm.from_pretrained(checkpoint), rngs=nnx.Rngs(0))
     apply_lora(model.llm, rank=2, alpha=4.0)
-    params = nnx.state(model, optim.trainable_filter(optim.TrainableConfig(llm="lora")))
-    config = optim.OptimizerConfig(learning_rate=1e-3, lora_learning_rate=1e-1, total_steps=10, warmup_fraction=0.0)
+    params = nnx.state(
+        model, optim.trainable_filter(optim.TrainableConfig(llm="lora", vision=False, embeddings="new_tokens"))
+    )
+    config = optim.OptimizerConfig(
+        learning_rate=1e-3,
+        lora_learning_rate=1e-1,
+        total_steps=10,
+        warmup_fraction=0.0,
+        weight_decay=0.0,
+        grad_clip=1.0,
+    )
     tx = optim.make_optimizer(config, params)
     grads = nnx.from_flat_state([(k, v.replace(jnp.ones_like(v.get_value()))) for k, v in nnx.to_flat_state(params)])
     # the schedule warms up from 0 at step 0; compare the second step's updates

@@ -93,7 +93,7 @@ def test_generated_data_is_named_by_its_config_and_never_replaced_under_a_reader
     first, _ = experiment.load_samples(small(), str(tmp_path / "a"))
     stamp = os.stat(first[0].video).st_mtime_ns
     # Another run beside it, with another scene: its own directory; the first run's videos stay as they were.
-    second, _ = experiment.load_samples(small(transient=False), str(tmp_path / "b"))
+    second, _ = experiment.load_samples(small(clock=True), str(tmp_path / "b"))
     assert os.path.dirname(os.path.dirname(second[0].video)) != os.path.dirname(os.path.dirname(first[0].video))
     assert os.stat(first[0].video).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path / "data")) == sorted(
