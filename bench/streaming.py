@@ -17,11 +17,10 @@ reflects the video length.
 mode "full": the whole prompt (prefix + every visual token + a short suffix), vision tower over
 all frames and decoder over the whole sequence, compiled only (it would not run at 2048 frames
 here), "seconds": null and "compiled_only": true. It is `VideoLLM.forward` with two changes:
- - the decoder's causal offset is a traced scalar, so `layers.attention` takes its dense path (a
-   [T, T] logit matrix per head, what the PyTorch reference computes with its dense mask). With a
-   static offset 0 (what `forward` passes) attention unrolls T/128 Python-level query blocks (512
-   at 2048 frames), each slicing its own key prefix, and the program and its compile time grow
-   with them;
+ - the decoder's attention is `model.attention = "xla"` by default: one masked [T, T] logit matrix
+   per head, what the PyTorch reference computes with its dense mask. The CPU default ("blocked")
+   unrolls T/128 Python-level query blocks (512 at 2048 frames), each slicing its own key prefix,
+   and the program and its compile time grow with them;
  - logits only at the last token (as `VideoLLM.prefill`): [T, vocab] float32 logits would only
    make the baseline larger.
 --full-attention blocked compiles the blocked path instead (smaller temp, e.g. 0.89 GB instead of
@@ -65,7 +64,7 @@ child process compiling with `--xla_disable_hlo_passes=while-loop-invariant-code
 stay inside the loop: one layer's weights at a time, still slightly pessimistic); "cpu_raw" is the
 same fit with XLA:CPU as is, and "floor_params_plus_buffer" the bound no activation can beat
 (parameters + buffer only). Most of the slope b is not the buffer but float32 attention logits over
-it: `layers.attention` materialises [kv_heads, group, 128, buffer] logits per 128-query block, and
+it: the attention (`model.attention`) materialises [kv_heads, group, 128, buffer] logits per 128-query block, and
 XLA keeps several blocks' logits live at once.
 """
 
@@ -301,21 +300,18 @@ def run_streaming(llm: VideoLLM, frames: int, args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def full_step(graphdef, attention: str):
-    def forward(state, inputs: ModelInputs, causal_offset):
+def full_step(graphdef):
+    def forward(state, inputs: ModelInputs):
         llm = nnx.merge(graphdef, state)
         embeds = llm.embed_inputs(inputs)
-        # A traced causal offset (0 at run time) sends `layers.attention` down its dense path, a
-        # Python 0 down the blocked one (what `VideoLLM.forward` does); see the module docstring.
-        offset = causal_offset if attention == "dense" else 0
-        final, _, _ = llm.decoder(embeds, inputs.positions, inputs.attention_mask, None, (), offset)
+        final, _, _ = llm.decoder(embeds, inputs.positions, inputs.attention_mask, None, ())
         return llm.decoder.logits(final[:, -1])
 
     return jax.jit(forward, keep_unused=True)
 
 
 def compile_full(llm: VideoLLM, frames: int, args) -> dict:
-    config = llm.config
+    config = llm.config.replace(attention=args.full_attention)
     frame_size = tuple(args.frame_size)
     grids = grids_of(config, frames)
     patches, per_grid = frame_geometry(config, frame_size)
@@ -332,13 +328,9 @@ def compile_full(llm: VideoLLM, frames: int, args) -> dict:
         visual_slots=np.arange(args.prefix_tokens, args.prefix_tokens + grids * per_grid, dtype=np.int32),
     )
     inputs = abstract(inputs)
-    graphdef, state = nnx.split(llm)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoLLM(config, rngs=nnx.Rngs(0))))
     tic = time.perf_counter()
-    compiled = (
-        full_step(graphdef, args.full_attention)
-        .lower(abstract(state), inputs, jax.ShapeDtypeStruct((), jnp.int32))
-        .compile()
-    )
+    compiled = full_step(graphdef).lower(abstract(state), inputs).compile()
     compile_seconds = time.perf_counter() - tic
     step = analysis(compiled)
     return {
@@ -538,10 +530,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--full-attention",
-        choices=("dense", "blocked"),
-        default="dense",
-        help="full mode's decoder attention: dense [T, T] (the PyTorch reference's) or the blocked causal path "
-        "of VideoLLM.forward (less memory, compile time grows with T/128)",
+        choices=("xla", "blocked"),
+        default="xla",
+        help="full mode's attention (model.attention): xla, one masked [T, T] (the PyTorch reference's), or the "
+        "blocked causal path, CPU's default (less memory, compile time grows with T/128)",
     )
     parser.add_argument("--prefix-tokens", type=int, default=16, help="text before the video (incl. vision start)")
     parser.add_argument("--suffix-tokens", type=int, default=16, help="text after the video (incl. vision end)")

@@ -82,6 +82,9 @@ def get_config(arg=None):
     config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    # Attention implementation: "auto" (blocked on CPU, cuDNN on GPU, Pallas splash on TPU), or one of
+    # blocked | xla | cudnn | splash (jaxgrounding/model/attention.py).
+    config.model.attention = "auto"
     # Sizes of the tiny default model (jaxgrounding.model.presets.tiny), used when no checkpoint is given.
     config.model.tiny = ml_collections.ConfigDict(presets.TINY_SIZES)
 

@@ -53,7 +53,7 @@ from jaxgrounding.model import layers
 from jaxgrounding.model.decoder import KVCache, Memory
 from jaxgrounding.model.video_llm import ModelInputs
 
-# Added to attention logits where a key must not be seen (as `layers.attention` does).
+# Added to attention logits where a key must not be seen (as `model.attention` does).
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -217,7 +217,7 @@ def _decode_attention(q, context, decode, step: jax.Array, num_samples: int):
     valid [B, C]), shared by a prompt's G rows (keys stored transposed, so that both context matmuls
     read their right operand as stored: [B, Kh, C, D] keys made the score matmul 2x slower); decode:
     (keys, values [R, Kh, N, D]), slots <= step visible. One softmax over both parts, logits and
-    statistics in float32 (as `layers.attention`). Returns [R, H, D].
+    statistics in float32 (as `model.attention`). Returns [R, H, D].
     """
     ctx_k, ctx_v, ctx_valid = context
     dec_k, dec_v = decode

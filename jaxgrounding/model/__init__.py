@@ -24,15 +24,23 @@ def default_compute_dtype():
 
 
 def from_pretrained(
-    path: str, dtype=jnp.float32, mesh=None, compute_dtype=None, remat_policy: str | None = None
+    path: str,
+    dtype=jnp.float32,
+    mesh=None,
+    compute_dtype=None,
+    remat_policy: str | None = None,
+    attention: str | None = None,
 ) -> VideoLLM:
     """Builds a VideoLLM from an HF checkpoint directory (config.json + safetensors).
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: `default_compute_dtype()`);
     mesh: place each parameter directly into its sharding on this mesh; remat_policy: of the decoder's
-    layer scan (default: `ModelConfig.remat_policy`).
+    layer scan (default: `ModelConfig.remat_policy`); attention: the implementation (`model.attention`,
+    default: `ModelConfig.attention`).
     """
     overrides = {} if remat_policy is None else {"remat_policy": remat_policy}
+    if attention is not None:
+        overrides["attention"] = attention
     config = ModelConfig.from_pretrained(
         path, param_dtype=dtype, compute_dtype=compute_dtype or default_compute_dtype(), **overrides
     )

@@ -28,6 +28,10 @@ REMAT_POLICIES = (
 )
 
 
+# `model.attention`: jaxgrounding.model.attention.SETTINGS (kept here so the config reads no kernel module).
+ATTENTION_SETTINGS = ("auto", "blocked", "xla", "cudnn", "splash", "splash_interpret")
+
+
 class ConfigError(ValueError):
     """A config.json that does not describe a model jaxgrounding can build."""
 
@@ -95,6 +99,8 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat_policy: str = "dots_with_no_batch_dims_saveable"
+    # Which implementation runs attention (`model.attention`): "auto" picks by backend when traced.
+    attention: str = "auto"
     # The config.json this came from, written back by save_pretrained.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -145,6 +151,8 @@ class ModelConfig:
         config = config.replace(**overrides)
         if config.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy {config.remat_policy!r} is not one of {REMAT_POLICIES}.")
+        if config.attention not in ATTENTION_SETTINGS:
+            raise ConfigError(f"attention {config.attention!r} is not one of {ATTENTION_SETTINGS}.")
         return config
 
     def to_hf_dict(self) -> dict:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrounding import parallel
-from jaxgrounding.model import layers
+from jaxgrounding.model import attention, layers
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.vision import mark_stacked
 
@@ -90,6 +90,7 @@ class Memory:
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         t = config.text
+        self.impl = config.attention  # which implementation runs the masks (model.attention)
         kw = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
         self.q_proj = layers.Linear(
             t.hidden_size, (t.num_heads, t.head_dim), axes=("embed", "heads", None), use_bias=True, **kw
@@ -104,12 +105,15 @@ class Attention(nnx.Module):
             (t.num_heads, t.head_dim), t.hidden_size, axes=("heads", None, "embed"), use_bias=False, **kw
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None):
-        """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t.
-        With a cache ([B, S, Kh, D] each), the new keys and values are written at
-        `causal_offset` and attention runs over the cache. With a memory ([B, M, Kh, D] each,
-        keys rotated; key_valid then covers memory + new tokens and causal_offset is M), attention
-        runs over memory + new tokens and the new keys are returned rotated and before RoPE."""
+    def __call__(
+        self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None, decode=False
+    ):
+        """x: [B, T, E]; key_valid: [B, S] bool; query t sits at key slot causal_offset + t (a Python int, or with
+        `decode` the traced cache position of a decode step). With a cache ([B, S, Kh, D] each), the new keys and
+        values are written at `causal_offset` and attention runs over the cache. With a memory ([B, M, Kh, D]
+        each, keys rotated; key_valid then covers memory + new tokens and causal_offset is M), attention runs
+        over memory + new tokens and the new keys are returned rotated and before RoPE."""
+        impl = self.impl
         drop = (None,) * 4 if dropout_key is None else tuple(jax.random.split(dropout_key, 4))
         q = layers.apply_rotary(self.q_proj(x, drop[0]), cos, sin)
         k_raw = self.k_proj(x, drop[1])
@@ -120,7 +124,7 @@ class Attention(nnx.Module):
             memory_k, memory_v = memory_kv
             keys = jnp.concatenate([memory_k.astype(q.dtype), k], axis=1)
             values = jnp.concatenate([memory_v.astype(q.dtype), v], axis=1)
-            out = layers.memory_attention(q, keys, values, key_valid, memory_size=causal_offset)
+            out = attention.causal_attention(q, keys, values, key_valid, offset=causal_offset, impl=impl)
             return self.o_proj(out, drop[3]), (k, v, k_raw)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
@@ -128,7 +132,11 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, causal_offset, 0, 0))
             k = parallel.constrain(k, CACHE_AXES[1:])
             v = parallel.constrain(v, CACHE_AXES[1:])
-        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, causal_offset=causal_offset)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if decode:
+            out = attention.decode_attention(q, k, v, key_valid, causal_offset)
+        else:
+            out = attention.causal_attention(q, k, v, key_valid, offset=causal_offset, impl=impl)
         return self.o_proj(out, drop[3]), (k, v)
 
 
@@ -153,12 +161,16 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None):
+    def __call__(
+        self, x, cos, sin, key_valid, causal_offset, cache_kv=None, memory_kv=None, dropout_key=None, decode=False
+    ):
         attn_key = mlp_key = None
         if dropout_key is not None:
             attn_key, mlp_key = jax.random.split(dropout_key)
         normed = self.input_layernorm(x)
-        attn_out, kv = self.self_attn(normed, cos, sin, key_valid, causal_offset, cache_kv, memory_kv, attn_key)
+        attn_out, kv = self.self_attn(
+            normed, cos, sin, key_valid, causal_offset, cache_kv, memory_kv, attn_key, decode=decode
+        )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x), mlp_key)
         return parallel.constrain(x, ("batch", None, "embed")), kv
@@ -225,12 +237,14 @@ class Decoder(nnx.Module):
         hidden_layers: Sequence[int] = (),
         causal_offset: int | jax.Array = 0,
         dropout_key: jax.Array | None = None,
+        decode: bool = False,
     ):
         """Runs the layers, causally. `dropout_key` (training only) turns on LoRA input dropout.
 
         embeds: [B, T, E]; positions: [3, B, T]; key_valid: [B, S] bool (S = T without a cache,
-        the cache length with one); query t sits at key slot causal_offset + t (0 for a full
-        pass and a prefill, `cache.length` for a decode step). `hidden_layers`: indices into the residual stream, 0 being
+        the cache length with one); query t sits at key slot causal_offset + t: a Python int for a full
+        pass and a prefill (0, or the memory size a prefill continues), with `decode` the traced
+        `cache.length` of a decode step. `hidden_layers`: indices into the residual stream, 0 being
         the embeddings and i the output of layer i (before the final norm); negative indices
         count from num_layers + 1, so -1 is the last layer's output and -2 the one before.
 
@@ -242,7 +256,7 @@ class Decoder(nnx.Module):
         )
 
         def layer_fn(layer, h, kv, key):
-            return layer(h, cos, sin, key_valid, causal_offset, kv, dropout_key=key)
+            return layer(h, cos, sin, key_valid, causal_offset, kv, dropout_key=key, decode=decode)
 
         kv = None if cache is None else (cache.keys, cache.values)
         h, hidden, new_kv = self._scan(embeds, layer_fn, kv, hidden_layers, dropout_key)

@@ -24,7 +24,6 @@ ACTIVATIONS = {
 
 # Added to attention logits where a key must not be seen. Finite, so that a query row with no
 # visible key (a padding row) gives a uniform distribution rather than NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def activation(name: str):
@@ -277,100 +276,3 @@ def vision_cos_sin(positions_n2: jax.Array, head_dim: int, theta: float) -> tupl
     angles = freqs.reshape(freqs.shape[0], -1)  # [N, D/2]: rows then columns
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention
-# ----------------------------------------------------------------------------------------------
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    key_valid: jax.Array,
-    *,
-    causal_offset: int | jax.Array | None = None,
-    block_size: int = 128,
-) -> jax.Array:
-    """Grouped-query attention. Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
-
-    q: [B, T, H, D]; k, v: [B, S, Kh, D] with H a multiple of Kh; key_valid: [B, S] bool.
-    causal_offset: None for no causal mask (the vision tower); otherwise query t sits at key slot
-    causal_offset + t and sees slots up to it. A static (Python int) offset runs the queries in
-    blocks that skip the keys after the block, about half the work of a dense causal pass (2.6x
-    faster forward + backward at T = 1024 on CPU, bench/model_train_step.py); a traced offset
-    (a decode step at `cache.length`) runs dense.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    # Head-major layout [B, Kh, G*T, D]: every kv head's query group is one plain batched matmul.
-    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, Kh, G, T, D]
-    kh = k.transpose(0, 2, 1, 3)
-    vh = v.transpose(0, 2, 1, 3)
-    if isinstance(causal_offset, int) and t > block_size:
-        outs = []
-        for start in range(0, t, block_size):
-            stop = min(start + block_size, t)
-            keys = min(causal_offset + stop, k.shape[1])
-            outs.append(
-                _dense_attention(
-                    qh[:, :, :, start:stop],
-                    kh[:, :, :keys],
-                    vh[:, :, :keys],
-                    key_valid[:, :keys],
-                    causal_offset + start,
-                )
-            )
-        out = jnp.concatenate(outs, axis=3)
-    else:
-        out = _dense_attention(qh, kh, vh, key_valid, causal_offset)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def memory_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, memory_size: int, block_size: int = 128
-) -> jax.Array:
-    """Attention of T new tokens over [memory: `memory_size` keys, all visible where valid | the
-    new tokens, causal]. Shapes as `attention`.
-
-    Query blocks run one after another (`lax.map`), so only one block's float32 logits
-    [B, H, block, M + T] are alive at a time. Over a long video's memory those logits, not the
-    keys, fill the device: with every block live (the unrolled blocks of `attention`), about 14 of
-    the 16 GB of temporaries of a 7B segment step at 256 segments were logits (bench/streaming.py).
-    """
-    b, t, h, d = q.shape
-    if t <= block_size:
-        return attention(q, k, v, key_valid, causal_offset=memory_size)
-    kv_heads = k.shape[2]
-    g = h // kv_heads
-    n = -(-t // block_size)
-    qh = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4)  # [B, Kh, G, T, D]
-    qh = jnp.pad(qh, [(0, 0), (0, 0), (0, 0), (0, n * block_size - t), (0, 0)])
-    blocks = jnp.moveaxis(qh.reshape(b, kv_heads, g, n, block_size, d), 3, 0)  # [n, B, Kh, G, block, D]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-    def one_block(xs):
-        i, q_block = xs
-        return _dense_attention(q_block, kh, vh, key_valid, memory_size + i * block_size)
-
-    out = jax.lax.map(one_block, (jnp.arange(n), blocks))  # [n, B, Kh, G, block, D]
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, g, n * block_size, d)[:, :, :, :t]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def _dense_attention(q, k, v, key_valid, causal_offset):
-    """q: [B, Kh, G, T, D]; k, v: [B, Kh, S, D] -> [B, Kh, G, T, D]."""
-    b, kv_heads, g, t, d = q.shape
-    s = k.shape[2]
-    visible = key_valid[:, None, :]  # [B, 1, S]
-    if causal_offset is not None:
-        visible = visible & (jnp.arange(s)[None, :] <= causal_offset + jnp.arange(t)[:, None])[None]
-    logits = jnp.einsum(
-        "bkqd,bksd->bkqs", q.reshape(b, kv_heads, g * t, d), k, preferred_element_type=jnp.float32
-    ).reshape(b, kv_heads, g, t, s)
-    logits = logits * (1.0 / math.sqrt(d))
-    logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv_heads, g * t, s), v)
-    return out.reshape(b, kv_heads, g, t, d)

@@ -155,7 +155,7 @@ class VideoLLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         kw = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
-        self.visual = VisionTower(config.vision, **kw)
+        self.visual = VisionTower(config.vision, attention_impl=config.attention, **kw)
         self.decoder = Decoder(config, rngs=rngs)
 
     def embed_inputs(self, inputs: ModelInputs) -> jax.Array:
@@ -215,7 +215,7 @@ class VideoLLM(nnx.Module):
         key_valid = cache.key_valid.at[:, cache.length].set(True)
         cache = dataclasses.replace(cache, key_valid=key_valid)
         final, hidden, cache = self.decoder(
-            embeds, positions, key_valid, cache, hidden_layers, causal_offset=cache.length
+            embeds, positions, key_valid, cache, hidden_layers, causal_offset=cache.length, decode=True
         )
         cache = dataclasses.replace(cache, length=cache.length + 1, next_position=cache.next_position + 1)
         return self.decoder.logits(final[:, 0]), cache, {k: v[:, 0] for k, v in hidden.items()}

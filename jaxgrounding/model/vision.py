@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrounding.model import layers
+from jaxgrounding.model import attention, layers
 from jaxgrounding.model.config import VisionConfig
 
 
@@ -123,17 +123,18 @@ def vision_plan(grid_thw: np.ndarray, config: VisionConfig) -> VisionPlan:
     return VisionPlan(positions, frames, windows)
 
 
-def _segment_attention(q, k, v, index, valid, inverse):
+def _segment_attention(q, k, v, index, valid, inverse, impl: str):
     """Attention within segments. q, k, v: [N, H, D] -> [N, H, D]."""
     zero = jnp.zeros((1, *q.shape[1:]), q.dtype)
     gather = lambda x: jnp.concatenate([x, zero], 0)[index]  # [S, L, H, D]
-    out = layers.attention(gather(q), gather(k), gather(v), valid)
+    out = attention.full_attention(gather(q), gather(k), gather(v), valid, impl=impl)
     out = out.reshape(-1, *q.shape[1:])
     return out[inverse]
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, attention_impl: str, rngs: nnx.Rngs):
+        self.impl = attention_impl
         d, h = config.hidden_size, config.num_heads
         self.qkv = layers.Linear(
             d,
@@ -160,16 +161,18 @@ class VisionAttention(nnx.Module):
         # transformers rotates in float32 and casts back.
         q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
         k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
-        return self.proj(_segment_attention(q, k, v, *segments))
+        return self.proj(_segment_attention(q, k, v, *segments, self.impl))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, attention_impl: str, rngs: nnx.Rngs):
         d = config.hidden_size
         norm = layers.RMSNorm if config.norm == "rms" else layers.LayerNorm
         self.norm1 = norm(d, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
         self.norm2 = norm(d, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
-        self.attn = VisionAttention(config, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.attn = VisionAttention(
+            config, param_dtype=param_dtype, compute_dtype=compute_dtype, attention_impl=attention_impl, rngs=rngs
+        )
         kw = dict(
             act=config.hidden_act,
             axes=("vision_embed", "vision_mlp"),
@@ -206,7 +209,7 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, param_dtype, compute_dtype, attention_impl: str, rngs: nnx.Rngs):
         self.config = config
         self.compute_dtype = compute_dtype
         self.patch_embed = layers.Linear(
@@ -222,7 +225,9 @@ class VisionTower(nnx.Module):
         @nnx.split_rngs(splits=config.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return VisionBlock(config, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+            return VisionBlock(
+                config, param_dtype=param_dtype, compute_dtype=compute_dtype, attention_impl=attention_impl, rngs=rngs
+            )
 
         self.blocks = make_blocks(rngs)
         mark_stacked(self.blocks)

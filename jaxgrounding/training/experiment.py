@@ -200,7 +200,11 @@ def build_model(config, checkpoint: str, mesh=None):
     """(GroundingModel, tokenizer): the checkpoint plus <ent>/<tst> rows, heads and LoRA."""
     tokenizer = load_tokenizer(checkpoint)
     llm = jm.from_pretrained(
-        checkpoint, dtype=settings.DTYPES[config.model.dtype], mesh=mesh, remat_policy=config.model.remat_policy
+        checkpoint,
+        dtype=settings.DTYPES[config.model.dtype],
+        mesh=mesh,
+        remat_policy=config.model.remat_policy,
+        attention=config.model.attention,
     )
     init_token_rows(llm, [tokenizer.ent_id, tokenizer.tst_id], tokenizer.base_vocab_size)
     if config.trainable.llm == "lora":
