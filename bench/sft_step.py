@@ -63,7 +63,7 @@ def bench_7b(args) -> dict:
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(make)
         frame_size = (args.height, args.width)
-        objective = SFT(SFTConfig(st_weight=1.0, streaming=None, coarse_to_fine=None, seed=0), config, frame_size)
+        objective = SFT(SFTConfig(st_weight=1.0, streaming=None), config, frame_size)
         lora_only = TrainerConfig(
             accumulate=1,
             trainable=optim.TrainableConfig(llm="lora", vision=False, embeddings="new_tokens"),
