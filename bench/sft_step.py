@@ -93,8 +93,8 @@ def bench_7b(args) -> dict:
             "pixel_values": arr((b, g * per_grid, 1176), jnp.float32),
             "grid_times": arr((b, g), jnp.float32),
             "struct_positions": arr((b, 8), jnp.int32),
-            "struct_positions_mask": arr((b, 8), jnp.bool_),
             "struct_kinds": arr((b, 8), jnp.int32),
+            "struct_kinds_mask": arr((b, 8), jnp.bool_),
             "struct_ranges": arr((b, 8, 2), jnp.int32),
             "valid": arr((b,), jnp.bool_),
         }
