@@ -63,7 +63,7 @@ def bench_7b(args) -> dict:
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(make)
         frame_size = (args.height, args.width)
-        objective = SFT(SFTConfig(st_weight=1.0, streaming=None, coarse_to_fine=None, seed=0), config, frame_size)
+        objective = SFT(SFTConfig(st_weight=1.0, streaming=None), config, frame_size)
         lora_only = TrainerConfig(
             accumulate=1,
             trainable=optim.TrainableConfig(llm="lora", vision=False, embeddings="new_tokens"),
@@ -93,8 +93,8 @@ def bench_7b(args) -> dict:
             "pixel_values": arr((b, g * per_grid, 1176), jnp.float32),
             "grid_times": arr((b, g), jnp.float32),
             "struct_positions": arr((b, 8), jnp.int32),
-            "struct_positions_mask": arr((b, 8), jnp.bool_),
             "struct_kinds": arr((b, 8), jnp.int32),
+            "struct_kinds_mask": arr((b, 8), jnp.bool_),
             "struct_ranges": arr((b, 8, 2), jnp.int32),
             "valid": arr((b,), jnp.bool_),
         }

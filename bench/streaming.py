@@ -248,7 +248,7 @@ def run_streaming(llm: VideoLLM, frames: int, args) -> dict:
     graphdef, state = nnx.split(llm)
     prefix_args = (
         jnp.asarray(arrays["prefix_ids"]),
-        jnp.asarray(np.moveaxis(arrays["prefix_positions"], 1, 0)),
+        jnp.asarray(np.moveaxis(arrays["prefix_positions"], -1, 0)),
         jnp.asarray(arrays["prefix_valid"]),
     )
     tic = time.perf_counter()

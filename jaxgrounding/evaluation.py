@@ -181,7 +181,8 @@ class _AnswerPrompt:
     task: str
     thinking: bool
 
-    def __call__(self, sample, video):
+    def __call__(self, sample, video, epoch):
+        del epoch  # evaluation draws nothing
         if self.task == "grounding":
             text = timestamps.grounding_prompt(sample.query, thinking=self.thinking)
         else:
@@ -224,7 +225,8 @@ class _PromptTransform:
 
     encoder: StructuralEncoder
 
-    def __call__(self, sample, video):
+    def __call__(self, sample, video, epoch):
+        del epoch  # evaluation draws nothing
         return self.encoder.encode_prompt(sample, video) | {
             "windows": np.asarray(sample.windows, np.float32).reshape(-1, 2),
             "id": np.asarray(sample.id),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxgrounding import data as data_lib
+from jaxgrounding.data import schema
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -25,18 +26,31 @@ def _ladder(limit: int, start: int) -> tuple[int, ...]:
 
 
 def pipeline_config(config, *, train: bool, batch_size: int) -> data_lib.PipelineConfig:
-    """Buckets derived from the frame budget, so a config change never needs a bucket change."""
+    """Buckets derived from the frame budget, so a config change never needs a bucket change: one ladder of sizes
+    per variable axis of the batch schema (`data.schema`), for every table's keys."""
     h, w = config.data.frame_size
     patches_per_grid = (h // 14) * (w // 14)
     max_grids = -(-config.data.max_frames // 2)
     grids = _ladder(max_grids, min(8, max_grids))
-    text = _ladder(config.encoder.max_tokens, min(128, config.encoder.max_tokens))
-    structural = (4, 8, 16, 32, 64)
-    buckets = {k: text for k in ("input_ids", "loss_mask", "positions", "frame_of_token")}
-    buckets |= {"pixel_values": tuple(g * patches_per_grid for g in grids), "grid_times": grids}
-    buckets |= {k: structural for k in ("struct_positions", "struct_kinds", "struct_ranges", "windows")}
-    # Decoded frames (GRPO builds its prompts on the host, once the step's task is drawn).
-    buckets |= {k: tuple(2 * g for g in grids) for k in ("frames", "timestamps")}
+    segment_frames = config.streaming.segment_frames
+    # A streamed example has as many segments as its grids fill; the suffix is padded to multiples of 16.
+    segments = tuple(sorted({-(-g // segment_frames) for g in grids}))
+    suffix = tuple(sorted({-(-n // 16) * 16 for n in _ladder(config.encoder.max_tokens, min(16, config.encoder.max_tokens))}))
+    ladders = {
+        "text": _ladder(config.encoder.max_tokens, min(128, config.encoder.max_tokens)),
+        "patches": tuple(g * patches_per_grid for g in grids),
+        "grids": grids,
+        "structural": (4, 8, 16, 32, 64),
+        "windows": (4, 8, 16, 32, 64),
+        # Decoded frames (GRPO builds its prompts on the host, once the step's task is drawn).
+        "frames": tuple(2 * g for g in grids),
+        "segments": segments,
+        "segment_grids": tuple(n * segment_frames for n in segments),
+        "suffix": suffix,
+    }
+    buckets = {}
+    for table in (schema.SUPERVISED, schema.STREAMED, schema.DECODED):
+        buckets |= schema.buckets(table, ladders)
     return data_lib.PipelineConfig(
         batch_size=batch_size,
         seed=config.seed,
@@ -55,7 +69,7 @@ def prompt_buckets(config) -> dict[str, tuple[int, ...]]:
     """Bucket sizes of prompt arrays built on the host (GRPO rollouts, answer evaluation), as the
     pipeline's: a few shapes, so the jitted rollout and score functions compile a few times."""
     buckets = pipeline_config(config, train=True, batch_size=1).buckets
-    return {k: buckets[k] for k in ("input_ids", "loss_mask", "positions", "frame_of_token", "pixel_values", "grid_times")}
+    return {k: v for k, v in buckets.items() if k in schema.PROMPT}
 
 
 def video_first(config) -> bool:

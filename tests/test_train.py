@@ -32,18 +32,18 @@ def micro_config(data_root):
 
 
 def first_batch(config, workdir: str, batch_size: int = 2):
-    """(checkpoint dir, first training batch) of `config`'s synthetic set: the base checkpoint and
-    the data are created on first use, as the train command does."""
+    """(checkpoint dir, first training batch) of `config`'s synthetic set, through the train command's transform
+    (streamed configs: cut for streaming): the base checkpoint and the data are created on first use, as the
+    train command does."""
     from jaxgrounding import data as data_lib
-    from jaxgrounding.tasks.encoding import EncoderConfig, StructuralEncoder
     from jaxgrounding import settings
     from jaxgrounding.training import experiment
 
     train, _ = experiment.load_samples(config, workdir)
     checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=True))
+    transform = experiment.train_transform(config, checkpoint, train)
     pipeline = settings.pipeline_config(config, train=True, batch_size=batch_size)
-    return checkpoint, next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
+    return checkpoint, next(iter(data_lib.make_pipeline(train, pipeline, transform)))
 
 
 def ground(root, workdir: str, *flags: str) -> dict:

@@ -53,15 +53,18 @@ from jaxgrounding.data.sample import Sample
 class Transform(Protocol):
     """Turns one decoded example into model inputs (tokenization lives here).
 
-    Arrays whose axis 0 varies between examples must have a bucket in
-    ``PipelineConfig.buckets``; everything else must have the same shape every time.
+    ``epoch``: the pass over the data the example is read in; per-sample augmentation drawn from (seed, sample
+    id, epoch) differs between epochs and is replayed exactly by a resumed iterator (its state holds the stream
+    position, hence the epoch). Arrays whose axis 0 varies between examples must have a bucket in
+    ``PipelineConfig.buckets`` (the keys are ``data.schema``'s); everything else must have the same shape every time.
     """
 
-    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]: ...
+    def __call__(self, sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]: ...
 
 
-def default_transform(sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+def default_transform(sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]:
     """Frames, timestamps and windows as they are; no text (tests, benchmarks)."""
+    del epoch  # nothing is drawn
     return {
         "frames": video.frames,
         "timestamps": video.timestamps.astype(np.float32),
@@ -167,7 +170,7 @@ def _decode_and_transform(
             raise ValueError(f"sample {sample.id} ({sample.video}): {reason}")
         return _bad(epoch, sample, "label", reason)
     try:
-        return {_EPOCH: epoch, **transform(sample, video)}
+        return {_EPOCH: epoch, **transform(sample, video, epoch)}
     except Exception as e:  # pylint: disable=broad-except
         # Any per-sample error (tokenizing, encoding, building targets); a systematic one (a bug)
         # fails every sample and trips the failure cap, which names it.

@@ -11,8 +11,9 @@ sampled frames = `tokens_per_frame` visual tokens). Each segment attends to a fi
 last `recent_segments` segments. Every shape is fixed by (`StreamingConfig`, batch, frame size), so one
 compiled segment step (`memory.streaming`) serves any video up to `max_segments` segments.
 
-`split_batch` cuts a pipeline batch into the prefix / segments / suffix arrays the device steps take
-(host side, numpy).
+`split_example` cuts one encoded prompt into the prefix / segments / suffix arrays the device steps take
+(host side, numpy: in the pipeline's transform for training), `split_batch` every row of a padded prompt batch
+(prompts built on the host).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxgrounding.data import padding, schema
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.model.vision import uniform_plan
@@ -111,78 +113,101 @@ class BufferLayout:
         return cls(prefix, tokens_per_frame, config.segment_frames, pooled, config.max_segments, config.recent_segments)
 
 
-def split_batch(batch: dict, config: ModelConfig, streaming: StreamingConfig, frame_size) -> dict[str, np.ndarray]:
-    """A pipeline batch (`tasks.encoding` + `data.padding`, numpy) -> the streaming arrays.
+def tokens_per_frame(config: ModelConfig, frame_size) -> int:
+    """Visual tokens of one temporal grid at `frame_size`."""
+    p, m = config.vision.patch_size, config.vision.spatial_merge_size
+    return (frame_size[0] // p) * (frame_size[1] // p) // (m * m)
 
-    Every array is batch-first (so micro-batching and data sharding split axis 0): prefix_ids,
-    prefix_valid [B, Tp], prefix_positions [B, 3, Tp]; segment_pixels [B, N, S*h*w, patch_dim],
-    segment_positions [B, N, 3, S*P], segment_valid [B, N, S*P]; suffix_ids, suffix_valid
-    [B, Ts], suffix_positions [B, 3, Ts]; suffix_start [B] (index of the first suffix token in the
-    flat sequence); frame_valid [B, N*S]. Training batches also get suffix_loss_mask [B, Ts] and
-    suffix_struct_positions [B, K] (the structural-token predictors, indexed in the suffix).
-    """
-    ids = np.asarray(batch["input_ids"])
-    mask = np.asarray(batch["input_ids_mask"]) & np.asarray(batch["valid"])[:, None]
-    positions = np.asarray(batch["positions"])  # [B, T, 3]
-    b, t = ids.shape
-    is_video = (ids == config.video_token_id) & mask
-    rows = np.flatnonzero(is_video.any(axis=1))
-    if rows.size == 0:
-        raise ValueError("streaming needs a video in every prompt; this batch has none")
-    starts = is_video.argmax(axis=1)
-    prefix = int(starts[rows[0]])
-    if np.any(starts[rows] != prefix):
-        raise ValueError(f"prompts place their video at different offsets {sorted(set(starts[rows].tolist()))}")
+
+def split_example(example: dict, config: ModelConfig, streaming: StreamingConfig, frame_size) -> dict[str, np.ndarray]:
+    """One encoded example (`tasks.encoding`, numpy, unpadded) -> its streaming arrays (`data.schema.STREAMED`):
+    prefix_ids, prefix_valid [Tp], prefix_positions [Tp, 3]; segment_pixels [N, S*h*w, patch_dim],
+    segment_positions [N, 3, S*P], segment_valid [N, S*P]; frame_valid [N*S]; suffix_ids, suffix_valid [Ts],
+    suffix_positions [Ts, 3]; suffix_start (index of the first suffix token in the prompt), with N = the segments
+    the video's grids fill and Ts = the tokens after the video. Training examples also get suffix_loss_mask [Ts]
+    and suffix_struct_positions [K] (the structural-token predictors, indexed in the suffix). Padding a batch of
+    these (`data.padding`) gives the batch-first arrays the device steps take."""
+    ids = np.asarray(example["input_ids"])
+    positions = np.asarray(example["positions"])  # [T, 3]
+    video = np.flatnonzero(ids == config.video_token_id)
+    if video.size == 0:
+        raise ValueError("streaming needs a video in every prompt; this one has none")
+    prefix, n_visual = int(video[0]), video.size
+    if video[-1] != prefix + n_visual - 1:
+        raise ValueError("the video tokens of a streamed prompt must be contiguous")
     p = config.vision.patch_size
-    m = config.vision.spatial_merge_size
     hw = (frame_size[0] // p) * (frame_size[1] // p)
-    tokens_per_frame = hw // (m * m)
-    grids = np.shape(batch["grid_times"])[1]
-    s = streaming.segment_frames
+    per_frame = tokens_per_frame(config, frame_size)
+    if n_visual % per_frame:
+        raise ValueError(f"{n_visual} visual tokens are not whole frames of {per_frame}")
+    grids, s = n_visual // per_frame, streaming.segment_frames
     n = -(-grids // s)
     if n > streaming.max_segments:
         raise ValueError(
             f"{grids} temporal grids need {n} segments of {s}; the buffer holds max_segments={streaming.max_segments}"
         )
-    n_visual = is_video.sum(axis=1)
-    if np.any(n_visual % tokens_per_frame):
-        raise ValueError(f"visual token counts {n_visual.tolist()} are not whole frames of {tokens_per_frame}")
-
-    # Video: token j of row r sits at flat index prefix + j (video tokens are contiguous).
-    j = np.arange(n * s * tokens_per_frame)
-    video_valid = (j[None, :] < n_visual[:, None]) & mask.any(axis=1)[:, None]
-    video_index = np.minimum(prefix + j, t - 1)
-    video_positions = np.where(video_valid[..., None], positions[:, video_index], 0)  # [B, N*S*P, 3]
-
-    pixels = np.asarray(batch["pixel_values"])  # [B, G*hw, pd]
-    padded = np.zeros((b, n * s * hw, pixels.shape[-1]), pixels.dtype)
-    padded[:, : pixels.shape[1]] = pixels
-
-    # Suffix: everything after the video, left-aligned, padded to a multiple of 16.
-    suffix_start = prefix + n_visual
-    lengths = mask.sum(axis=1) - suffix_start
-    ts = max(16, -(-int(lengths.max()) // 16) * 16)
-    k = np.arange(ts)
-    suffix_index = np.minimum(suffix_start[:, None] + k[None, :], t - 1)
-    suffix_valid = k[None, :] < lengths[:, None]
-    take = np.take_along_axis
+    # Video: token j sits at index prefix + j; the last segment is padded with invalid tokens and zero patches.
+    video_valid = np.arange(n * s * per_frame) < n_visual
+    video_positions = np.zeros((n * s * per_frame, 3), positions.dtype)
+    video_positions[:n_visual] = positions[prefix : prefix + n_visual]
+    pixels = np.asarray(example["pixel_values"])
+    padded = np.zeros((n * s * hw, pixels.shape[-1]), pixels.dtype)
+    real = min(pixels.shape[0], grids * hw)
+    padded[:real] = pixels[:real]
+    start = prefix + n_visual
     out = {
-        "prefix_ids": ids[:, :prefix],
-        "prefix_positions": np.moveaxis(positions[:, :prefix], -1, 1),
-        "prefix_valid": mask[:, :prefix],
-        "segment_pixels": padded.reshape(b, n, s * hw, -1),
-        "segment_positions": video_positions.reshape(b, n, s * tokens_per_frame, 3).transpose(0, 1, 3, 2),
-        "segment_valid": video_valid.reshape(b, n, s * tokens_per_frame),
-        "suffix_ids": np.where(suffix_valid, take(ids, suffix_index, 1), 0),
-        "suffix_positions": np.moveaxis(take(positions, suffix_index[..., None], 1), -1, 1),
-        "suffix_valid": suffix_valid,
-        "suffix_start": suffix_start.astype(np.int32),
-        "frame_valid": np.arange(n * s)[None, :] < (n_visual // tokens_per_frame)[:, None],
+        "prefix_ids": ids[:prefix],
+        "prefix_positions": positions[:prefix],
+        "prefix_valid": np.ones(prefix, bool),
+        "segment_pixels": padded.reshape(n, s * hw, -1),
+        "segment_positions": video_positions.reshape(n, s * per_frame, 3).transpose(0, 2, 1),
+        "segment_valid": video_valid.reshape(n, s * per_frame),
+        "frame_valid": np.arange(n * s) < grids,
+        "suffix_ids": ids[start:],
+        "suffix_positions": positions[start:],
+        "suffix_valid": np.ones(ids.shape[0] - start, bool),
+        "suffix_start": np.int32(start),
     }
-    if "loss_mask" in batch:
-        out["suffix_loss_mask"] = take(np.asarray(batch["loss_mask"]), suffix_index, 1) & suffix_valid
-    if "struct_positions" in batch:
-        out["suffix_struct_positions"] = np.maximum(np.asarray(batch["struct_positions"]) - suffix_start[:, None], 0)
+    if "loss_mask" in example:
+        out["suffix_loss_mask"] = np.asarray(example["loss_mask"])[start:]
+    if "struct_positions" in example:
+        out["suffix_struct_positions"] = np.maximum(np.asarray(example["struct_positions"]) - start, 0).astype(np.int32)
+    return out
+
+
+def split_batch(batch: dict, config: ModelConfig, streaming: StreamingConfig, frame_size) -> dict[str, np.ndarray]:
+    """A padded prompt batch (`tasks.encoding` + `data.padding`, numpy) -> the batch-first streaming arrays of
+    `split_example` for its valid rows (zeros for the others): N = the segments the batch's grid axis fills,
+    suffixes padded to a multiple of 16. For prompts built on the host (GRPO rollouts, inference); training
+    batches are cut per example in the pipeline."""
+    valid = np.asarray(batch["valid"]) & np.asarray(batch["input_ids_mask"]).any(axis=1)
+    rows = np.flatnonzero(valid)
+    if rows.size == 0:
+        raise ValueError("streaming needs a video in every prompt; this batch has none")
+    examples = []
+    for r in rows:
+        length = int(np.sum(batch["input_ids_mask"][r]))
+        example = {k: np.asarray(batch[k][r])[:length] for k in ("input_ids", "positions", "loss_mask") if k in batch}
+        example["pixel_values"] = np.asarray(batch["pixel_values"][r])
+        if "struct_positions" in batch:
+            example["struct_positions"] = np.asarray(batch["struct_positions"][r])
+        examples.append(split_example(example, config, streaming, frame_size))
+    prefixes = {e["prefix_ids"].shape[0] for e in examples}
+    if len(prefixes) > 1:
+        raise ValueError(f"prompts place their video at different offsets {sorted(prefixes)}")
+    s = streaming.segment_frames
+    n = -(-np.shape(batch["grid_times"])[1] // s)
+    if n > streaming.max_segments:
+        raise ValueError(f"{n} segments of {s} grids exceed the buffer's max_segments={streaming.max_segments}")
+    longest = max(e["suffix_ids"].shape[0] for e in examples)
+    sizes = {"segments": (n,), "segment_grids": (n * s,), "suffix": (max(16, -(-longest // 16) * 16),)}
+    buckets = {k: sizes[axis] for k, f in schema.STREAMED.items() if (axis := schema.variable_axis(f)) in sizes}
+    stacked = padding.pad_and_stack(examples, rows.size, buckets)
+    out = {}
+    for key in examples[0]:
+        value = stacked[key]
+        out[key] = np.zeros((valid.shape[0], *value.shape[1:]), value.dtype)
+        out[key][rows] = value
     return out
 
 

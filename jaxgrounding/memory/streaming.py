@@ -30,7 +30,7 @@ from flax import nnx
 from jaxgrounding import parallel
 from jaxgrounding.memory.dvr import DVRStore
 from jaxgrounding.memory.hvr import HVRConfig, hvr_downsample
-from jaxgrounding.memory.layout import BufferLayout, StreamingConfig, plan_for, split_batch
+from jaxgrounding.memory.layout import BufferLayout, StreamingConfig, plan_for, split_batch, split_example
 from jaxgrounding.model.decoder import CACHE_AXES, Memory
 from jaxgrounding.model.video_llm import ModelInputs
 
@@ -47,6 +47,7 @@ __all__ = [
     "plan_for",
     "segment_step",
     "split_batch",
+    "split_example",
     "start_memory",
     "stream_forward",
     "stream_prompt",
@@ -228,7 +229,7 @@ def stream_context(
     one batched call before the scan (the tower never looks across grids, so this equals embedding each segment
     in its step, and runs as a few large matmuls)."""
     t = llm.config.text
-    prefix_positions = jnp.moveaxis(arrays["prefix_positions"], 1, 0)
+    prefix_positions = jnp.moveaxis(arrays["prefix_positions"], -1, 0)
     memory = start_memory(llm, layout, arrays["prefix_ids"], prefix_positions, arrays["prefix_valid"])
     b, n = arrays["segment_valid"].shape[:2]
 
@@ -273,7 +274,7 @@ def stream_forward(
     context, frame_states, frame_valid = stream_context(llm, layout, hvr, arrays, plan, reloaded, dropout_key)
     n = arrays["segment_valid"].shape[1]
     embeds = llm.decoder.embed(arrays["suffix_ids"])
-    suffix_positions = jnp.moveaxis(arrays["suffix_positions"], 1, 0)
+    suffix_positions = jnp.moveaxis(arrays["suffix_positions"], -1, 0)
     suffix_key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
     final, hidden, _ = llm.decoder.attend(
         embeds, suffix_positions, arrays["suffix_valid"], context, hidden_layers, dropout_key=suffix_key
@@ -284,7 +285,7 @@ def stream_forward(
 def suffix_inputs(arrays: dict) -> ModelInputs:
     """The question (and generation prompt) after the video of `split_batch` arrays, at its absolute positions:
     what generation continues a streamed video with."""
-    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), 1, 0)
+    positions = jnp.moveaxis(jnp.asarray(arrays["suffix_positions"]), -1, 0)
     valid = jnp.asarray(arrays["suffix_valid"])
     return ModelInputs(
         input_ids=jnp.asarray(arrays["suffix_ids"]),
@@ -353,7 +354,7 @@ def stream_prompt(llm, arrays: dict, config: StreamingConfig, frame_size, progre
         state,
         layout,
         jnp.asarray(arrays["prefix_ids"]),
-        jnp.asarray(np.moveaxis(arrays["prefix_positions"], 1, 0)),
+        jnp.asarray(np.moveaxis(arrays["prefix_positions"], -1, 0)),
         jnp.asarray(arrays["prefix_valid"]),
     )
     dvr = DVRStore(config.dvr_placement)

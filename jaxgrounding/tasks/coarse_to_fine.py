@@ -78,32 +78,25 @@ def jitter_window(window, duration: float, rng: np.random.Generator, config: Coa
     return (a, max(b, min(a + 1.0, duration)))
 
 
-def sample_rng(seed: int, step: int, sample_id: str) -> np.random.Generator:
-    """The augmentation draws of one sample at one step: a function of the run's seed, the step
-    and the sample alone, so a resumed run, or the same global batch read by any number of
-    processes, draws the same."""
-    return np.random.default_rng([seed, step, zlib.crc32(str(sample_id).encode())])
+def sample_rng(seed: int, epoch: int, sample_id: str) -> np.random.Generator:
+    """The augmentation draws of one sample in one epoch: a function of the run's seed, the epoch and the sample
+    alone, so a resumed run (its data iterator knows the epoch), or the same global batch read by any number of
+    processes or workers, draws the same."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(str(sample_id).encode())])
 
 
-def training_reloads(
-    batch: dict, segment_frames: int, num_segments: int, config: CoarseToFineConfig, *, seed: int, step: int
-) -> np.ndarray:
-    """[B, num_segments] bool: the segments each training sample reloads (none for coarse-stage
-    samples). A fine-stage sample jitters one of its ground-truth windows, drawn at random
-    (`sample_rng` of the sample's `id`)."""
-    b = np.shape(batch["valid"])[0]
-    reloaded = np.zeros((b, num_segments), bool)
-    windows = np.asarray(batch["windows"])
-    windows_valid = np.asarray(batch.get("windows_mask", np.ones(windows.shape[:2], bool)))
-    for row in range(b):
-        rng = sample_rng(seed, step, batch["id"][row])
-        has = np.flatnonzero(windows_valid[row])
-        if not batch["valid"][row] or has.size == 0 or rng.random() >= config.fine_fraction:
-            continue
-        window = windows[row, rng.choice(has)]
-        grids = int(np.sum(np.asarray(batch["grid_times_mask"][row]))) if "grid_times_mask" in batch else None
-        times = np.asarray(batch["grid_times"][row])[:grids]
-        spans = segment_spans(times, float(batch["grid_duration"][row]), segment_frames, num_segments)
-        coarse = jitter_window(window, float(batch["duration"][row]), rng, config)
-        reloaded[row, segments_for_interval(coarse, spans, config)] = True
+def training_reloads(example: dict, segment_frames: int, config: CoarseToFineConfig, rng: np.random.Generator) -> np.ndarray:
+    """[segments] bool: the segments one training example (`tasks.encoding`: windows, grid_times, grid_duration,
+    duration) reloads, none for a coarse-stage example. A fine-stage example jitters one of its ground-truth
+    windows, drawn with `rng`."""
+    times = np.asarray(example["grid_times"])
+    num_segments = -(-times.shape[0] // segment_frames)
+    reloaded = np.zeros(num_segments, bool)
+    windows = np.asarray(example["windows"]).reshape(-1, 2)
+    if windows.shape[0] == 0 or rng.random() >= config.fine_fraction:
+        return reloaded
+    window = windows[rng.choice(windows.shape[0])]
+    spans = segment_spans(times, float(example["grid_duration"]), segment_frames, num_segments)
+    coarse = jitter_window(window, float(example["duration"]), rng, config)
+    reloaded[segments_for_interval(coarse, spans, config)] = True
     return reloaded

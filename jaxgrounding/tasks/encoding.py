@@ -82,6 +82,15 @@ class StructuralEncoder:
     def tokenizer(self):
         return self._load()[0]
 
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._load()[1]
+
+    def video_prefix(self) -> np.ndarray:
+        """The tokens every video-first prompt starts with, up to the video (system turn, <|vision_start|>)."""
+        ids = np.asarray(self._prompt_ids("", 1), np.int32)
+        return ids[: int(np.argmax(ids == self.model_config.video_token_id))]
+
     # ------------------------------------------------------------------------------------------
 
     def _visual(self, sample, video):
@@ -122,8 +131,10 @@ class StructuralEncoder:
         ids = np.asarray(self._prompt_ids(self._instruction(sample), visual.num_tokens), np.int32)
         return self._common(ids, visual, video, config) | {"duration": np.float32(sample.duration)}
 
-    def __call__(self, sample, video) -> dict[str, np.ndarray]:
-        """Training example (see module docstring)."""
+    def __call__(self, sample, video, epoch: int) -> dict[str, np.ndarray]:
+        """Training example (see module docstring); the instruction's phrasing is drawn per sample, whatever the
+        epoch."""
+        del epoch
         tokenizer, config, _ = self._load()
         visual = self._visual(sample, video)
         prompt = self._prompt_ids(self._instruction(sample), visual.num_tokens)

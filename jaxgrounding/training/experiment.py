@@ -21,12 +21,15 @@ from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data.synthetic_scenes import SceneConfig
 from jaxgrounding.grounding_model import GroundingModel
+from jaxgrounding.memory.layout import StreamingConfig
 from jaxgrounding.model import hub
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
 from jaxgrounding.tasks import inversion, templates, timestamps
+from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
 from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEncoder
+from jaxgrounding.tasks.streamed import StreamedEncoder
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 from jaxgrounding.training import grpo, sft  # noqa: F401  (register the methods' objectives)
 from jaxgrounding.training.trainer import Trainer, TrainerConfig, make_objective
@@ -144,8 +147,9 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
 
 
 def train_transform(config, checkpoint: str, train_samples):
-    """The pipeline transform of `config.method`: MeCo's structural examples, answer-format examples (the
-    warm start of Invert4TVG), or GRPO's decoded frames (its prompts are built per step)."""
+    """The pipeline transform of `config.method`: MeCo's structural examples (cut for streaming, with their
+    coarse-to-fine reload draws, under `memory="streaming"`: TimeScope), answer-format examples (the warm start of
+    Invert4TVG), or GRPO's decoded frames (its prompts are built per step)."""
     encoder_config = EncoderConfig.from_config(config, train=True)
     if config.method == "invert4tvg":
         return grpo.RolloutTransform({s.id: i for i, s in enumerate(train_samples)})
@@ -157,7 +161,12 @@ def train_transform(config, checkpoint: str, train_samples):
             inversion_tasks=tuple(config.grpo.inversion_tasks),
             seed=config.seed,
         )
-    return StructuralEncoder(checkpoint, encoder_config)
+    encoder = StructuralEncoder(checkpoint, encoder_config)
+    if config.memory == "streaming":
+        return StreamedEncoder(
+            encoder, StreamingConfig.from_config(config), CoarseToFineConfig.from_config(config), config.seed
+        )
+    return encoder
 
 
 def warm_start_config(config):

@@ -187,7 +187,8 @@ class RolloutTransform:
 
     index_of: dict  # sample id -> index into the training samples
 
-    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+    def __call__(self, sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]:
+        del epoch  # the step's task is drawn per step, on the host
         return {
             "frames": np.asarray(video.frames),
             "timestamps": np.asarray(video.timestamps, np.float32),
@@ -450,7 +451,8 @@ class WarmStartTransform:
     inversion_tasks: tuple[str, ...]
     seed: int
 
-    def __call__(self, sample: Sample, video: video_lib.Video) -> dict[str, np.ndarray]:
+    def __call__(self, sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]:
+        del epoch  # one task per sample for every epoch
         rng = np.random.default_rng([self.seed, zlib.crc32(sample.id.encode())])
         task = "grounding"
         if rng.random() < self.inversion_fraction:

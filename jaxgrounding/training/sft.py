@@ -12,7 +12,8 @@ With `SFTConfig.streaming` set (TimeScope), the prompt is not run as one sequenc
 streamed segment by segment into HVR memory (`memory.streaming.stream_forward`, the same attention
 pattern as inference) and the question and response attend to that memory; a
 `coarse_to_fine.fine_fraction` share of the samples reload the DVR of the segments around a
-jittered ground-truth window (TimeScope's second SFT stage).
+jittered ground-truth window (TimeScope's second SFT stage). The pipeline's transform did the cut and
+the draw (`tasks.streamed`): the batch holds `data.schema.STREAMED` arrays.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.config import ModelConfig
 from jaxgrounding.objectives.lm import next_token_loss
 from jaxgrounding.objectives.structural import gather_states, pool_frame_states, structural_loss
-from jaxgrounding.tasks import coarse_to_fine
 from jaxgrounding.training.trainer import register_objective
 
 
@@ -56,7 +56,7 @@ def _full_states(model: GroundingModel, batch: dict, plan: dict, dropout_key=Non
 
 def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr: HVRConfig, dropout_key=None):
     """The same quantities with the video streamed into memory (see module docstring); `batch`
-    holds `memory.streaming.split_batch` arrays plus `reloaded` [B, N]."""
+    holds `data.schema.STREAMED` arrays (`reloaded` [B, N]: the segments whose DVR the answer sees)."""
     out = streaming_lib.stream_forward(
         model.llm, layout, hvr, batch, plan, batch["reloaded"], hidden_layers=(-2,), dropout_key=dropout_key
     )
@@ -84,7 +84,7 @@ def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, s
             model, batch, plan, *streamed, dropout_key=dropout_key
         )
     logits = model.heads(token_states, frame_states)
-    kinds = batch["struct_kinds"] * batch["struct_positions_mask"] * batch["valid"][:, None]
+    kinds = batch["struct_kinds"] * batch["struct_kinds_mask"] * batch["valid"][:, None]
     st = structural_loss(logits, kinds, frame_targets(batch["struct_ranges"], frame_valid), frame_valid)
     total = lm + st_weight * st["loss"]
     metrics = {
@@ -103,8 +103,6 @@ def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, s
 class SFTConfig:
     st_weight: float  # lambda: L_ST weight (MeCo: 1)
     streaming: streaming_lib.StreamingConfig | None  # TimeScope: stream the video into memory
-    coarse_to_fine: coarse_to_fine.CoarseToFineConfig
-    seed: int  # of the coarse-to-fine augmentation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +118,7 @@ class SFTLoss:
 
 class SFT:
     """The SFT objective for `training.trainer.Trainer`: MeCo's one causal pass, or with `config.streaming`
-    TimeScope's streamed pass (the host cuts prompts into prefix / segments / suffix and draws the coarse-to-fine
-    reloads per sample and step)."""
+    TimeScope's streamed pass over batches the pipeline already cut into prefix / segments / suffix."""
 
     updates_per_batch = 1
 
@@ -134,18 +131,8 @@ class SFT:
         del model
 
     def host_arrays(self, batch: dict, step: int, policy=None) -> tuple[dict, dict]:
-        del policy  # supervised: the batch alone
-        if self.config.streaming is None:
-            return device_batch(batch), {}
-        config = self.config
-        arrays = streaming_lib.split_batch(batch, self.model_config, config.streaming, self.frame_size)
-        num_segments = arrays["segment_valid"].shape[1]
-        arrays["reloaded"] = coarse_to_fine.training_reloads(
-            batch, config.streaming.segment_frames, num_segments, config.coarse_to_fine, seed=config.seed, step=step
-        )
-        for key in ("struct_kinds", "struct_positions_mask", "struct_ranges", "valid"):
-            arrays[key] = np.asarray(batch[key])
-        return device_batch(arrays), {}
+        del step, policy  # supervised: the batch alone, prepared (and augmented) by the pipeline
+        return device_batch(batch), {}
 
     def prepare(self, arrays: dict, micro_batch: int) -> tuple[dict, SFTLoss]:
         """The vision plan of one micro-batch and the loss, from (global-shaped) host arrays or their shapes."""
@@ -153,6 +140,11 @@ class SFT:
         if streaming is None:
             plan = batch_plan(arrays, self.model_config, self.frame_size, batch_size=micro_batch)
             return plan, SFTLoss(self.config.st_weight)
+        if "segment_valid" not in arrays:
+            raise ValueError(
+                "streamed SFT needs batches cut by the streamed transform (tasks.streamed: structural examples); "
+                f"this batch has {sorted(arrays)}"
+            )
         num_segments = np.shape(arrays["segment_valid"])[1]
         segment_tokens = np.shape(arrays["segment_valid"])[2]
         layout = streaming_lib.BufferLayout.build(
@@ -169,7 +161,5 @@ def sft_objective(config, model_config: ModelConfig, checkpoint: str, samples) -
     sft = SFTConfig(
         st_weight=config.train.st_weight,
         streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
-        coarse_to_fine=coarse_to_fine.CoarseToFineConfig.from_config(config),
-        seed=config.seed,
     )
     return SFT(sft, model_config, tuple(config.data.frame_size))

@@ -4,8 +4,8 @@ A method (SFT: MeCo's LM + L_ST, TimeScope's streamed version; GRPO: Invert4TVG)
 
 - `start(model)`: once, before the first step (GRPO keeps its reference policy);
 - `host_arrays(batch, step, policy)`: this process's rows of the global batch -> (numeric host arrays, host
-  metrics): the method's host-side work, e.g. cutting prompts into streamed segments, or GRPO's rollouts with
-  the current model `policy()`, rewards and advantages;
+  metrics): the method's host-side work, e.g. GRPO's rollouts with the current model `policy()`, rewards and
+  advantages (SFT's batches arrive ready: per-sample preparation, streamed cuts included, is the pipeline's);
 - `updates_per_batch`: optimizer updates on one batch of host arrays (GRPO's `num_iterations`; SFT: 1);
 - `prepare(arrays, micro_batch)`: from the global-shaped arrays, the vision plan and the loss to trace, a hashable
   (frozen) callable `loss(model, arrays, plan, key) -> (total, metrics)`. Being a static argument of the jitted
@@ -162,8 +162,8 @@ class Trainer:
         objective's host metrics and the updates' mean metrics.
 
         rng: this step's key (LoRA input dropout; None: no dropout), the same on every process; step: the step being
-        taken (seeds per-sample augmentation). The train loop derives both from the run, so a resumed run draws the
-        same.
+        taken (seeds what the objective draws per step: GRPO's task). The train loop derives both from the run, so a
+        resumed run draws the same.
         """
         b = batch["valid"].shape[0]
         if b % self.config.accumulate:

@@ -177,10 +177,12 @@ def test_orbax_checkpoint_handler_round_trip(samples_with_bad, tmp_path):
 def test_custom_transform_and_length_over_bucket(synthetic_small):
     _, splits = synthetic_small
 
-    def transform(sample, video):
-        return {"n_frames": np.int32(len(video.frames)), "ids": np.arange(len(sample.query))}
+    def transform(sample, video, epoch):
+        return {"n_frames": np.int32(len(video.frames)), "ids": np.arange(len(sample.query)), "epoch": np.int32(epoch)}
 
-    config = _config(num_epochs=1, buckets={"ids": (128,)})
+    config = _config(num_epochs=2, buckets={"ids": (128,)})
+    epochs = [batch["epoch"].tolist() for batch in make_pipeline(splits["train"][:3], config, transform)]
+    assert epochs == [[0, 0, 0], [1, 1, 1]]  # the transform knows which pass it is in
     batch = next(iter(make_pipeline(splits["train"][:3], config, transform)))
     assert batch["ids"].shape == (3, 128) and batch["ids_mask"].dtype == bool
     with pytest.raises(ValueError, match="largest bucket"):
@@ -191,10 +193,10 @@ def _failing_on(bad_ids):
     """The default transform, raising what the encoder raises for a query over max_tokens."""
     from jaxgrounding.data import default_transform
 
-    def transform(sample, video):
+    def transform(sample, video, epoch):
         if sample.id in bad_ids:
             raise ValueError(f"sample {sample.id}: 4615 tokens exceed max_tokens=2048 (the query is too long)")
-        return default_transform(sample, video)
+        return default_transform(sample, video, epoch)
 
     return transform
 

@@ -133,7 +133,7 @@ def test_memory_order_does_not_change_the_answer(setup):
     order = rng.permutation(size)
     shuffled = Memory(memory.keys[:, :, order], memory.values[:, :, order], memory.valid[:, order])
     embeds = model.llm.decoder.embed(arrays["suffix_ids"])
-    args = (embeds, jnp.moveaxis(arrays["suffix_positions"], 1, 0), arrays["suffix_valid"])
+    args = (embeds, jnp.moveaxis(arrays["suffix_positions"], -1, 0), arrays["suffix_valid"])
     a, _, _ = model.llm.decoder.attend(*args, memory)
     c, _, _ = model.llm.decoder.attend(*args, shuffled)
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
@@ -210,7 +210,7 @@ def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prom
     context = streaming.answer_memory(streamed.layout, streamed.memory)
     suffix = dataclasses.replace(
         inputs.__class__.for_text(jnp.asarray(split["suffix_ids"]), jnp.asarray(split["suffix_valid"])),
-        positions=jnp.moveaxis(jnp.asarray(split["suffix_positions"]), 1, 0),
+        positions=jnp.moveaxis(jnp.asarray(split["suffix_positions"]), -1, 0),
         next_position=inputs.next_position,
     )
     got = sampling.generate(llm, suffix, sampling_config, end_ids=[0], hidden_layers=(-2,), memory=context)
@@ -246,7 +246,7 @@ def test_inference_fine_stage_sees_what_training_saw(setup, placement):
     context = streaming.answer_memory(streamed.layout, streamed.memory, dvr, jnp.asarray(chosen))
     embeds = model.llm.decoder.embed(arrays["suffix_ids"])
     final, _, _ = model.llm.decoder.attend(
-        embeds, jnp.moveaxis(arrays["suffix_positions"], 1, 0), arrays["suffix_valid"], context
+        embeds, jnp.moveaxis(arrays["suffix_positions"], -1, 0), arrays["suffix_valid"], context
     )
     valid = arrays["suffix_valid"]
     np.testing.assert_allclose(np.asarray(final)[valid], np.asarray(trained.final)[valid], atol=2e-5)

@@ -36,49 +36,40 @@ def test_jitter_stays_near_the_window_inside_the_video():
         assert 5.0 - 1e-9 <= a <= 15.0 + 1e-9 and 15.0 - 1e-9 <= b <= 25.0
 
 
-@pytest.mark.parametrize("fraction, expected_rows", [(0.0, 0), (1.0, 2)])
-def test_training_reloads_marks_segments_near_the_ground_truth(fraction, expected_rows):
-    batch = {
-        "valid": np.array([True, True, False]),
-        "windows": np.array([[[10.0, 14.0]], [[30.0, 34.0]], [[0.0, 1.0]]]),
-        "windows_mask": np.ones((3, 1), bool),
-        "grid_times": np.tile(np.arange(20) * 2.0, (3, 1)),
-        "grid_times_mask": np.ones((3, 20), bool),
-        "grid_duration": np.full(3, 2.0),
-        "duration": np.full(3, 40.0),
-        "id": np.array(["a", "b", ""]),
+def _example(window, grids=20, grid_seconds=2.0):
+    return {
+        "windows": np.array([window], np.float32),
+        "grid_times": np.arange(grids) * grid_seconds,
+        "grid_duration": np.float32(grid_seconds),
+        "duration": np.float32(grids * grid_seconds),
     }
+
+
+@pytest.mark.parametrize("fraction, fine", [(0.0, False), (1.0, True)])
+def test_training_reloads_marks_segments_near_the_ground_truth(fraction, fine):
     cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=fraction, jitter=0.0, max_reload_segments=4)
-    reloaded = c2f.training_reloads(batch, segment_frames=4, num_segments=5, config=cfg, seed=0, step=3)
-    assert reloaded.shape == (3, 5)
-    assert reloaded.any(axis=1).sum() == expected_rows
-    assert not reloaded[2].any()  # padding rows never reload
-    if expected_rows:
+    first = c2f.training_reloads(_example((10.0, 14.0)), 4, cfg, c2f.sample_rng(0, 3, "a"))
+    second = c2f.training_reloads(_example((30.0, 34.0)), 4, cfg, c2f.sample_rng(0, 3, "b"))
+    assert first.shape == second.shape == (5,)  # 20 grids, segments of 4
+    assert first.any() == second.any() == fine
+    if fine:
         # Jitter 0 leaves one second of slack: [9, 15] overlaps segments 1 ([8, 16]) only... and 0 ([0, 8])
         # only if the draw moves the start below 8, which a one-second slack cannot.
-        assert reloaded[0, 1] and not reloaded[0, 0]
-        assert reloaded[1, 3]  # [30, 34] lies in segment 3 ([24, 32]) and 4 ([32, 40])
+        assert first[1] and not first[0]
+        assert second[3]  # [30, 34] lies in segment 3 ([24, 32]) and 4 ([32, 40])
+    no_window = dict(_example((0.0, 1.0)), windows=np.zeros((0, 2), np.float32))
+    assert not c2f.training_reloads(no_window, 4, cfg, c2f.sample_rng(0, 3, "c")).any()
 
 
-def test_training_reloads_depend_on_the_sample_not_its_batch():
-    """A sample draws the same whether it sits alone or in a batch with others (so processes that each hold part of
-    a global batch agree with one process holding all of it), and differently at another step."""
-
-    def batch(ids, windows):
-        n = len(ids)
-        return {
-            "valid": np.ones(n, bool),
-            "windows": np.asarray(windows, float).reshape(n, 1, 2),
-            "windows_mask": np.ones((n, 1), bool),
-            "grid_times": np.tile(np.arange(40) * 1.0, (n, 1)),
-            "grid_duration": np.full(n, 1.0),
-            "duration": np.full(n, 40.0),
-            "id": np.asarray(ids),
-        }
-
+def test_training_reloads_are_a_function_of_seed_epoch_and_sample():
+    """The draw of a sample depends on (seed, epoch, id) alone (so every process and data worker, and a resumed
+    run, agree) and changes from epoch to epoch."""
     cfg = c2f.CoarseToFineConfig(margin=0.0, fine_fraction=0.5, jitter=1.0, max_reload_segments=4)
-    both = c2f.training_reloads(batch(["x", "y"], [[5, 9], [20, 26]]), 2, 20, cfg, seed=1, step=7)
-    alone = c2f.training_reloads(batch(["y"], [[20, 26]]), 2, 20, cfg, seed=1, step=7)
-    np.testing.assert_array_equal(both[1], alone[0])
-    draws = [c2f.training_reloads(batch(["y"], [[20, 26]]), 2, 20, cfg, seed=1, step=s)[0] for s in range(12)]
-    assert len({d.tobytes() for d in draws}) > 2  # fine or coarse, and where, change with the step
+    example = _example((20.0, 26.0), grids=40, grid_seconds=1.0)
+
+    def draw(seed, epoch, sample_id):
+        return c2f.training_reloads(example, 2, cfg, c2f.sample_rng(seed, epoch, sample_id))
+
+    np.testing.assert_array_equal(draw(1, 7, "y"), draw(1, 7, "y"))
+    draws = [draw(1, e, "y") for e in range(12)]
+    assert len({d.tobytes() for d in draws}) > 2  # fine or coarse, and where, change with the epoch

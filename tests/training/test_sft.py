@@ -143,3 +143,39 @@ def test_objectives_are_registered_by_method_name(setup):
             trainer_lib.register_objective("my_method")(mine)
     finally:
         trainer_lib._OBJECTIVES.pop("my_method")
+
+
+def test_streamed_batch_of_the_pipeline_gives_the_loss_of_the_host_cut(tmp_path):
+    """The streamed transform's batch (cut per example in the pipeline, reloads drawn per sample and epoch) gives the
+    loss that cutting the padded flat batch on the host (`split_batch`) with the same reloads gives."""
+    from jaxgrounding import data as data_lib
+    from jaxgrounding import settings
+    from jaxgrounding.memory import streaming as streaming_lib
+    from jaxgrounding.tasks.encoding import EncoderConfig, StructuralEncoder
+
+    config = test_train_timescope.micro_config(tmp_path / "data")
+    config.coarse_to_fine.fine_fraction = 1.0  # every sample reloads some segments' DVR
+    checkpoint, streamed = first_batch(config, str(tmp_path / "run"))
+    train, _ = experiment.load_samples(config, str(tmp_path / "run"))
+    encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=True))
+    pipeline = settings.pipeline_config(config, train=True, batch_size=2)
+    flat = next(iter(data_lib.make_pipeline(train, pipeline, encoder)))
+    assert flat["id"].tolist() == streamed["id"].tolist()
+
+    model, _ = experiment.build_model(config, checkpoint)
+    objective = _trainer(config, checkpoint, 1).objective
+    cut = streaming_lib.split_batch(flat, model.llm.config, objective.config.streaming, tuple(config.data.frame_size))
+    n = cut["segment_valid"].shape[1]
+    reloaded = np.zeros((2, n), bool)
+    reloaded[:, : min(n, streamed["reloaded"].shape[1])] = streamed["reloaded"][:, :n]
+    assert reloaded.sum() == streamed["reloaded"].sum() and reloaded.any(axis=1).all()
+    host = cut | {"reloaded": reloaded} | {k: flat[k] for k in ("struct_kinds", "struct_kinds_mask", "struct_ranges", "valid")}
+
+    def loss(batch):
+        arrays, _ = objective.host_arrays(batch, 0)
+        plan, loss_fn = objective.prepare(arrays, 2)
+        return jax.device_get(loss_fn(model, arrays, plan, None)[1])
+
+    want, got = loss(host), loss(streamed)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
