@@ -133,8 +133,8 @@ class SFT:
     def start(self, model: GroundingModel) -> None:
         del model
 
-    def host_arrays(self, batch: dict, step: int, policy=None) -> tuple[dict, dict]:
-        del policy  # supervised: the batch alone
+    def host_arrays(self, batch: dict, step: int, policy=None, skip=None) -> tuple[dict, dict]:
+        del policy, skip  # supervised: the batch alone; its samples were encoded (and failures counted) by the pipeline
         if self.config.streaming is None:
             return device_batch(batch), {}
         config = self.config
