@@ -138,6 +138,24 @@ def test_two_processes_train_like_one(uninterrupted):
     )
 
 
+def test_one_process_data_failure_stops_every_process(tmp_path):
+    """Process 1's every video fails, process 0's read fine: process 1 hits the failure cap alone, and both stop
+    with its reasons within a bounded time, instead of process 0 waiting forever in the step's collectives."""
+    import time
+
+    from tests.multiprocess_train import start_processes
+
+    tick = time.perf_counter()
+    codes, outputs = start_processes(
+        "meco_broken_on_1", str(tmp_path / "data"), [(str(tmp_path / "run"), None)], timeout=120
+    )
+    for code, output in zip(codes, outputs):
+        assert code != 0, output[-4000:]
+        assert "DataFailureError: data failure, every process stops:\nprocess 1: the last 100 samples read all failed" in output, output[-4000:]
+        assert "decode: file does not exist" in output
+    assert time.perf_counter() - tick < 120
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
