@@ -103,6 +103,12 @@ def test_killed_and_resumed_run_reproduces_losses(uninterrupted):
     want, got = losses(workdir), losses(resumed)
     for step in range(4, 7):
         assert got[step] == want[step], step
+    # The data counts (samples read, skipped) are part of the checkpointed iterator state: neither lost nor doubled.
+    counts = {
+        name: {r["step"]: (r["data_read"], r["data_skipped"]) for r in map(json.loads, open(os.path.join(w, "train_metrics.jsonl")))}
+        for name, w in (("want", workdir), ("got", resumed))
+    }
+    assert counts["got"] == counts["want"] == {s: (4 * s, 0) for s in range(1, 7)}
     # The resumed run replayed step 4: its row replaces the killed run's, none is duplicated.
     with open(os.path.join(resumed, "train_metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
