@@ -145,6 +145,28 @@ def agree_shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
+# Bytes of each process's message in `process_messages`: a failure's reasons, not a log.
+_MESSAGE_BYTES = 4096
+
+
+def process_messages(message: str, counts: Sequence[int] = ()) -> tuple[list[str], np.ndarray]:
+    """Every process's `message` ("" for none) and `counts` summed over processes (a collective: every
+    process must call it, at the same point of the loop). Used where one process alone may have to stop
+    the run (its data failed): all processes learn it at once and stop together, instead of the others
+    waiting forever in the next collective. One process: its own."""
+    counts = np.asarray(counts, np.int64)
+    if jax.process_count() == 1:
+        return [message], counts
+    text = message.encode()[:_MESSAGE_BYTES]
+    row = np.zeros(_MESSAGE_BYTES + 1 + counts.size, np.int64)
+    row[0] = len(text)
+    row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    row[_MESSAGE_BYTES + 1 :] = counts
+    rows = multihost_utils.process_allgather(row)
+    messages = [bytes(r[1 : 1 + r[0]].astype(np.uint8)).decode(errors="replace") for r in rows]
+    return messages, rows[:, _MESSAGE_BYTES + 1 :].sum(axis=0)
+
+
 def global_batch(arrays: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Global arrays, batch axis over the data axes, from each process's rows (same shapes on
     every process: see `agree_shapes`). Process p's rows are rows [p * b, (p + 1) * b)."""

@@ -150,13 +150,15 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     step, tick = start, time.perf_counter()
     try:
         while step < config.train.steps:
-            batch = next(batches)
+            batch, data_counts = _next_batch(batches)
             # The step's dropout key: the run's key and the step, so a resumed run draws the same.
             key = jax.random.fold_in(jax.device_get(state.rng), step)
             with jax.set_mesh(mesh):
-                metrics = trainer.step(batch, rng=key, step=step)
+                # Samples the objective cannot use (GRPO's prompts) are counted with the pipeline's failures.
+                metrics = trainer.step(batch, rng=key, step=step, skip=batches.skip) | data_counts
             step += 1
-            if not np.isfinite(metrics["loss"]):
+            # A step without a loss was skipped (nothing in its batch could be used); the objective logged why.
+            if "loss" in metrics and not np.isfinite(metrics["loss"]):
                 ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]
                 # Nothing is saved: the last checkpoint is the last good state.
                 raise FloatingPointError(f"step {step}: loss is {metrics['loss']} on samples {ids}; stopping")
@@ -213,6 +215,26 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     log.info("eval: %s", json.dumps(result))
     print(json.dumps({"eval": result}), flush=True)
     return result
+
+
+def _next_batch(batches) -> tuple[dict, dict]:
+    """(the next batch, the samples read and skipped so far over all processes), or every process stops.
+
+    The failure cap is judged per process (on its rows of the stream); when one process's data fails
+    the others learn it here, before the step's collectives, and all stop with its reasons instead of
+    waiting for it forever.
+    """
+    try:
+        batch, failure = next(batches), None
+    except data_lib.DataFailureError as e:
+        if jax.process_count() == 1:
+            raise
+        batch, failure = None, e
+    messages, (read, failed) = parallel.process_messages(str(failure or ""), (batches.read, batches.failed))
+    stopped = [f"process {i}: {m}" for i, m in enumerate(messages) if m]
+    if stopped:
+        raise data_lib.DataFailureError("data failure, every process stops:\n" + "\n".join(stopped)) from failure
+    return batch, {"data_read": int(read), "data_skipped": int(failed)}
 
 
 def main(argv):

@@ -1,10 +1,11 @@
 """Training as a pod runs it, on this machine: two processes (one CPU device each, gloo collectives on 127.0.0.1),
 each reading its own rows of every global batch, sharing a 2-device mesh and one workdir.
 
-    python -m tests.multiprocess_train {meco|timescope} DATA_ROOT PORT PROCESS_ID NUM_PROCESSES WORKDIR[:STOP] ...
+    python -m tests.multiprocess_train {meco|meco_broken_on_1|timescope} DATA_ROOT PORT PROCESS_ID NUM_PROCESSES WORKDIR[:STOP] ...
 
 Each process runs `train_and_evaluate` on every WORKDIR in turn (`STOP`: end after that step, as a kill would) with
-the micro config of tests/test_train.py or tests/test_train_timescope.py, and prints `RESULT [json, ...]`.
+the micro config of tests/test_train.py or tests/test_train_timescope.py (meco_broken_on_1: meco's, every video
+process 1 reads failing), and prints `RESULT [json, ...]`.
 `run_processes` starts them and returns what process 0 printed.
 """
 
@@ -19,6 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_processes(method: str, data_root: str, runs: list[tuple[str, int | None]], count: int = 2) -> list[dict]:
     """Runs `count` processes over `runs` ([(workdir, stop_after or None)]); the results of process 0."""
+    codes, outputs = start_processes(method, data_root, runs, count)
+    for i, (code, output) in enumerate(zip(codes, outputs)):
+        assert code == 0, f"process {i}:\n{output[-4000:]}"
+    return json.loads(outputs[0].split("RESULT ", 1)[1].splitlines()[0])
+
+
+def start_processes(
+    method: str, data_root: str, runs: list[tuple[str, int | None]], count: int = 2, timeout: float = 600
+) -> tuple[list[int], list[str]]:
+    """Runs `count` processes over `runs`; (their exit codes, their outputs). A process still running after
+    `timeout` seconds fails the test (a hang)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -39,14 +51,12 @@ def run_processes(method: str, data_root: str, runs: list[tuple[str, int | None]
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for i, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {i}:\n{output[-4000:]}"
-    return json.loads(outputs[0].split("RESULT ", 1)[1].splitlines()[0])
+    return [proc.returncode for proc in procs], outputs
 
 
 def main(method: str, data_root: str, port: int, process_id: int, count: int, specs: list[str]) -> None:
@@ -57,7 +67,17 @@ def main(method: str, data_root: str, port: int, process_id: int, count: int, sp
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py sets for the suite
     from jaxgrounding.train import train_and_evaluate
 
-    if method == "meco":
+    if method == "meco_broken_on_1":
+        # Process 1's storage is gone: every video it reads fails (process 0's read fine).
+        from jaxgrounding.data import video as video_lib
+        from tests.test_train import micro_config
+
+        def gone(path, **_):
+            raise video_lib.VideoDecodeError(path, "file does not exist")
+
+        if process_id == 1:
+            video_lib.read_video = gone
+    elif method == "meco":
         from tests.test_train import micro_config
     else:
         from tests.test_train_timescope import micro_config

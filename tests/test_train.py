@@ -103,6 +103,12 @@ def test_killed_and_resumed_run_reproduces_losses(uninterrupted):
     want, got = losses(workdir), losses(resumed)
     for step in range(4, 7):
         assert got[step] == want[step], step
+    # The data counts (samples read, skipped) are part of the checkpointed iterator state: neither lost nor doubled.
+    counts = {
+        name: {r["step"]: (r["data_read"], r["data_skipped"]) for r in map(json.loads, open(os.path.join(w, "train_metrics.jsonl")))}
+        for name, w in (("want", workdir), ("got", resumed))
+    }
+    assert counts["got"] == counts["want"] == {s: (4 * s, 0) for s in range(1, 7)}
     # The resumed run replayed step 4: its row replaces the killed run's, none is duplicated.
     with open(os.path.join(resumed, "train_metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
@@ -136,6 +142,24 @@ def test_two_processes_train_like_one(uninterrupted):
     check_two_processes_train_like_one(
         "meco", root, workdir, result, micro_config(root / "data"), evaluate=False, across_process_counts=True
     )
+
+
+def test_one_process_data_failure_stops_every_process(tmp_path):
+    """Process 1's every video fails, process 0's read fine: process 1 hits the failure cap alone, and both stop
+    with its reasons within a bounded time, instead of process 0 waiting forever in the step's collectives."""
+    import time
+
+    from tests.multiprocess_train import start_processes
+
+    tick = time.perf_counter()
+    codes, outputs = start_processes(
+        "meco_broken_on_1", str(tmp_path / "data"), [(str(tmp_path / "run"), None)], timeout=120
+    )
+    for code, output in zip(codes, outputs):
+        assert code != 0, output[-4000:]
+        assert "DataFailureError: data failure, every process stops:\nprocess 1: the last 100 samples read all failed" in output, output[-4000:]
+        assert "decode: file does not exist" in output
+    assert time.perf_counter() - tick < 120
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,9 @@ class PipelineIterator(grain.DatasetIterator):
       (logged); ``reasons`` counts the skips per ``"stage: reason"`` (stage: decode or transform).
     skipped: every ``(epoch, id, path, stage, reason)`` skipped so far.
     read, failed: samples read and samples that failed so far (their ratio is capped).
+
+    A sample a later stage cannot use (GRPO builds its prompts at rollout time) is handed back with
+    ``skip``: counted and reported like the pipeline's own failures, judged at the next batch.
     """
 
     def __init__(self, parent, max_failure_fraction: float):
@@ -259,6 +262,7 @@ class PipelineIterator(grain.DatasetIterator):
         self._in_a_row = 0  # Failures since the last good sample.
         self._max_failure_fraction = max_failure_fraction
         self._next_report = 0  # First epoch not yet reported.
+        self._epoch = 0  # The last batch's epoch: the one ``skip`` files its samples under.
 
     def _report_until(self, epoch: int | None) -> None:
         """Reports every epoch before ``epoch`` (all of them when None)."""
@@ -316,7 +320,19 @@ class PipelineIterator(grain.DatasetIterator):
             self._check_failures(finished=False)
             if epoch >= 0:
                 self._report_until(epoch)
+                self._epoch = epoch
                 return batch
+
+    def skip(self, failures: Sequence[tuple[Sample, str, str]]) -> None:
+        """Records ``(sample, stage, reason)`` of samples of the last batch that a later stage could not use.
+
+        They were counted as read when their batch came; the failure cap is judged at the next batch (so
+        every process of a multi-process run reaches the same point before one of them stops). The last
+        batch's epoch is not reported yet (reports cover only epochs before the newest batch's).
+        """
+        entries = [_bad(self._epoch, sample, stage, reason)[_BAD] for sample, stage, reason in failures]
+        self.skipped += [_parse_skipped(f"{self._epoch}\t{entry}") for entry in entries]
+        self.failed += len(entries)
 
     def get_state(self):
         return {

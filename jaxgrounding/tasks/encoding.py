@@ -218,10 +218,11 @@ class ChatEncoder(StructuralEncoder):
         super().__init__(checkpoint, config)
         self.video_first = video_first
 
-    def prompt(self, instruction: str, video) -> dict[str, np.ndarray]:
+    def prompt(self, instruction: str, video, sample_id: str = "") -> dict[str, np.ndarray]:
         _, config, _ = self._load()
         visual = self._visual_of(video)
         ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first), np.int32)
+        self._check_length(ids, sample_id)
         return self._common(ids, visual, video, config)
 
     def example(self, instruction: str, video, response: str, sample_id: str = "") -> dict[str, np.ndarray]:
@@ -231,14 +232,18 @@ class ChatEncoder(StructuralEncoder):
         prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first)
         answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids = np.asarray(prompt + answer, np.int32)
+        self._check_length(ids, sample_id)
+        loss_mask = np.zeros(ids.shape, bool)
+        loss_mask[len(prompt) :] = True
+        return self._common(ids, visual, video, config) | {"loss_mask": loss_mask}
+
+    def _check_length(self, ids: np.ndarray, sample_id: str) -> None:
+        # Named here, per sample (a skippable failure), rather than as a bucket overflow of the whole batch.
         if ids.shape[0] > self.config.max_tokens:
             raise ValueError(
                 f"sample {sample_id}: {ids.shape[0]} tokens exceed max_tokens={self.config.max_tokens} "
                 "(lower the fps / max_frames or the frame size)"
             )
-        loss_mask = np.zeros(ids.shape, bool)
-        loss_mask[len(prompt) :] = True
-        return self._common(ids, visual, video, config) | {"loss_mask": loss_mask}
 
     def _visual_of(self, video):
         _, _, processor = self._load()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 import zlib
 
@@ -38,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrounding import sampling, settings
+from jaxgrounding import parallel, sampling, settings
 from jaxgrounding.data import padding
+from jaxgrounding.data.pipeline import DataFailureError
 from jaxgrounding.data import video as video_lib
 from jaxgrounding.data.sample import Sample
 from jaxgrounding.memory import streaming as streaming_lib
@@ -233,7 +235,7 @@ class GRPO:
         if self.config.beta and not self._uses_lora:
             self.reference = jax.tree.map(jnp.copy, nnx.state(model))
 
-    def host_arrays(self, batch: dict, step: int, policy) -> tuple[dict, dict]:
+    def host_arrays(self, batch: dict, step: int, policy, skip=None) -> tuple[dict | None, dict]:
         config = self.config
         model = policy()
         task = inversion.sample_task(config.seed, step, grounding_prob=config.grounding_prob, tasks=config.inversion_tasks)
@@ -249,13 +251,12 @@ class GRPO:
             )
             for i in rows
         ]
-        # A sample the step's inversion task cannot score (no verb to recover) is asked to ground instead.
-        tasks = [task if task == "grounding" or inversion.applicable(task, s) else "grounding" for s in samples]
-        prompts = [self._task_prompt(t, s, v) for t, s, v in zip(tasks, samples, videos)]
-        arrays = padding.pad_and_stack(
-            [self.encoder.prompt(text, video) for text, video in prompts], len(batch["valid"]), self.buckets
-        )
-        arrays["valid"][len(rows) :] = False
+        read = len(samples)
+        tasks, samples, prompts = self._prompts(task, samples, videos, step, skip)
+        if not _every_process_has_prompts(prompts, step):
+            return None, {"skipped_step": 1.0, "skipped_prompts": float(read - len(prompts))}
+        arrays = padding.pad_and_stack(prompts, len(batch["valid"]), self.buckets)
+        arrays["valid"][len(prompts) :] = False
         tick = time.perf_counter()
         arrays, gen = self._rollout(model, arrays, step)
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
@@ -306,6 +307,7 @@ class GRPO:
             "truncated_fraction": float((~np.isin(tokens[real, -1], self.end_ids) & (lengths[real] == tokens.shape[1])).mean()),
             "rollout_tokens_per_s": float(lengths[real].sum() / max(rollout_seconds, 1e-9)),
             "rollout_seconds": rollout_seconds,
+            "skipped_prompts": float(read - len(prompts)),
         }
         for name, values in scores.items():
             applicable = values[real][~np.isnan(values[real])]
@@ -373,6 +375,31 @@ class GRPO:
 
     # --- Host side -----------------------------------------------------------------------------------------------
 
+    def _prompts(self, task: str, samples: list, videos: list, step: int, skip):
+        """(tasks, samples, encoded prompts) of the samples whose prompt could be built. A sample whose prompt
+        fails (a query over encoder.max_tokens, an inversion task it cannot pose) is dropped and handed to `skip`
+        under the pipeline's transform stage: the same count, report and failure cap as a pipeline failure."""
+        kept, failures = ([], [], []), []
+        for sample, video in zip(samples, videos):
+            try:
+                # A sample the step's inversion task cannot score (no verb to recover) is asked to ground instead.
+                sample_task = task if task == "grounding" or inversion.applicable(task, sample) else "grounding"
+                prompt = self.encoder.prompt(*self._task_prompt(sample_task, sample, video), sample.id)
+            except Exception as e:  # pylint: disable=broad-except  # any per-sample error, as the pipeline's
+                failures.append((sample, "transform", f"{type(e).__name__}: {e}"))
+                continue
+            for out, value in zip(kept, (sample_task, sample, prompt)):
+                out.append(value)
+        if failures:
+            logging.warning(
+                "step %d: skipped %d of %d prompts: %s", step, len(failures), len(samples),
+                [f"{s.id}: {reason}" for s, _, reason in failures],
+            )
+            if skip is None:  # nothing to count them in
+                raise DataFailureError(f"step {step}: prompts could not be built: {[f[2] for f in failures]}")
+            skip(failures)
+        return kept
+
     def _task_prompt(self, task: str, sample: Sample, video: video_lib.Video):
         if task == "grounding":
             return timestamps.grounding_prompt(sample.query, thinking=self.config.thinking), video
@@ -398,6 +425,17 @@ class GRPO:
                 ).items():
                     out.setdefault(name, np.full((batch_size * g,), np.nan))[r] = value
         return out
+
+
+def _every_process_has_prompts(prompts: list, step: int) -> bool:
+    """Whether every process has a prompt to roll out; agreed by all processes (the rollouts and the update
+    are collectives: every process takes the step, or none does)."""
+    message = "" if prompts else "no prompt of its rows could be built"
+    messages, _ = parallel.process_messages(message)
+    empty = [f"process {i}: {m}" for i, m in enumerate(messages) if m]
+    if empty:
+        logging.warning("step %d skipped, no update: %s", step, "; ".join(empty))
+    return not empty
 
 
 def grpo_config(config) -> GRPOConfig:

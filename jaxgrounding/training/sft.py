@@ -130,8 +130,10 @@ class SFT:
     def start(self, model: GroundingModel) -> None:
         del model
 
-    def host_arrays(self, batch: dict, step: int, policy=None) -> tuple[dict, dict]:
-        del step, policy  # supervised: the batch alone, prepared (and augmented) by the pipeline
+    def host_arrays(self, batch: dict, step: int, policy=None, skip=None) -> tuple[dict, dict]:
+        # Supervised: the batch alone, prepared (streamed cut and augmentation included) and its failures counted
+        # by the pipeline.
+        del step, policy, skip
         return device_batch(batch), {}
 
     def prepare(self, arrays: dict, micro_batch: int) -> tuple[dict, SFTLoss]:

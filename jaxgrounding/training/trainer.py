@@ -3,9 +3,12 @@
 A method (SFT: MeCo's LM + L_ST, TimeScope's streamed version; GRPO: Invert4TVG) is an `Objective`:
 
 - `start(model)`: once, before the first step (GRPO keeps its reference policy);
-- `host_arrays(batch, step, policy)`: this process's rows of the global batch -> (numeric host arrays, host
+- `host_arrays(batch, step, policy, skip)`: this process's rows of the global batch -> (numeric host arrays, host
   metrics): the method's host-side work, e.g. GRPO's rollouts with the current model `policy()`, rewards and
-  advantages (SFT's batches arrive ready: per-sample preparation, streamed cuts included, is the pipeline's);
+  advantages (SFT's batches arrive ready: per-sample preparation, streamed cuts included, is the pipeline's).
+  A sample it cannot use is dropped and handed to `skip([(sample, stage, reason)])` (the data pipeline's failure
+  count; None: raise `DataFailureError`); with no usable sample on some process, arrays are None on every process
+  (agreed) and the step makes no update;
 - `updates_per_batch`: optimizer updates on one batch of host arrays (GRPO's `num_iterations`; SFT: 1);
 - `prepare(arrays, micro_batch)`: from the global-shaped arrays, the vision plan and the loss to trace, a hashable
   (frozen) callable `loss(model, arrays, plan, key) -> (total, metrics)`. Being a static argument of the jitted
@@ -48,8 +51,8 @@ class Objective(Protocol):
     def start(self, model: GroundingModel) -> None: ...
 
     def host_arrays(
-        self, batch: dict, step: int, policy: Callable[[], GroundingModel]
-    ) -> tuple[dict[str, np.ndarray], dict]: ...
+        self, batch: dict, step: int, policy: Callable[[], GroundingModel], skip: Callable | None = None
+    ) -> tuple[dict[str, np.ndarray] | None, dict]: ...
 
     def prepare(self, arrays: dict[str, np.ndarray], micro_batch: int) -> tuple[Any, Loss]: ...
 
@@ -157,13 +160,15 @@ class Trainer:
         key_data = None if rng is None else jax.random.key_data(rng)
         return self._step.lower(self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss)
 
-    def step(self, batch: dict, rng=None, *, step: int = 0) -> dict[str, float]:
+    def step(self, batch: dict, rng=None, *, step: int = 0, skip: Callable | None = None) -> dict[str, float]:
         """`objective.updates_per_batch` updates on this process's rows `batch` of the global batch; returns the
         objective's host metrics and the updates' mean metrics.
 
         rng: this step's key (LoRA input dropout; None: no dropout), the same on every process; step: the step being
         taken (seeds what the objective draws per step: GRPO's task). The train loop derives both from the run, so a
-        resumed run draws the same.
+        resumed run draws the same; skip: where the objective reports samples it could not use (the pipeline
+        iterator's `skip`). A step whose batch had nothing usable returns the objective's metrics only (no "loss":
+        no update).
         """
         b = batch["valid"].shape[0]
         if b % self.config.accumulate:
@@ -171,8 +176,10 @@ class Trainer:
         # Shapes first (processes pad their rows to their own buckets), then the plan from them; the plan is for
         # one micro-batch of the global batch.
         tick = time.perf_counter()
-        arrays, host_metrics = self.objective.host_arrays(batch, step, self.model)
+        arrays, host_metrics = self.objective.host_arrays(batch, step, self.model, skip)
         host_seconds = time.perf_counter() - tick
+        if arrays is None:
+            return host_metrics | {"host_seconds": host_seconds}
         arrays = parallel.agree_shapes(arrays)
         plan, loss = self.objective.prepare(arrays, b * jax.process_count() // self.config.accumulate)
         if self.mesh is not None:

@@ -249,3 +249,22 @@ def test_an_annotation_duration_the_video_contradicts_is_skipped_and_counted(syn
     assert int(batch["valid"].sum()) == 3
     assert it.epoch_reports[0]["ids"] == ["lying"] and it.epoch_reports[0]["reasons"] == {"label: duration_mismatch": 1}
     assert "the annotation says 60.00 s" in it.skipped[0][4]
+
+
+def test_samples_a_later_stage_skips_count_toward_the_report_and_the_cap(synthetic_small):
+    """GRPO builds prompts after the pipeline: its failures go through `skip`, counted and capped the same way."""
+    _, splits = synthetic_small
+    samples = splits["train"][:10]
+    it = iter(make_pipeline(samples, _config(num_epochs=None, max_failure_fraction=0.05)))
+    next(it)
+    it.skip([(samples[0], "transform", "ValueError: sample x: 4615 tokens exceed max_tokens=2048")])
+    assert (it.read, it.failed) == (3, 1)
+    assert it.skipped == [(0, samples[0].id, samples[0].video, "transform", "ValueError: sample x: 4615 tokens exceed max_tokens=2048")]
+    resumed = iter(make_pipeline(samples, _config(num_epochs=None, max_failure_fraction=0.05)))
+    resumed.set_state(it.get_state())  # the skip is part of the checkpointed state
+    assert (resumed.read, resumed.failed, len(resumed.skipped)) == (3, 1, 1)
+    with pytest.raises(DataFailureError, match=r"more than data.max_failure_fraction=0.05.*'transform: ValueError': \d+"):
+        for _ in range(50):
+            next(resumed)
+            resumed.skip([(samples[1], "transform", "ValueError: too long")])
+    assert resumed.read >= 100

@@ -162,6 +162,49 @@ def test_grpo_over_the_streamed_memory_trains(tmp_path, monkeypatch):
     assert max(jax.tree.leaves(moved)) > 0
 
 
+def test_prompts_that_cannot_be_built_are_skipped_and_counted(tmp_path):
+    """A query over encoder.max_tokens fails when GRPO builds its prompt at rollout time: that sample is skipped and
+    counted by the pipeline (stage transform, as a pipeline failure); a batch with no usable prompt makes no update."""
+    import dataclasses
+
+    config = micro_config(tmp_path / "data")
+    config.warm_start.steps = 0
+    config.grpo.num_iterations = 1
+    config.grpo.grounding_prob = 1.0
+    workdir = str(tmp_path / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    transform = experiment.train_transform(config, checkpoint, train)
+    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
+    batches = iter(data_lib.make_pipeline(train, pipeline, transform))
+    model, tokenizer = experiment.build_model(config, checkpoint)
+    trainer = experiment.build_trainer(config, model, tokenizer, checkpoint, train)
+    samples = trainer.objective.samples
+
+    def too_long(batch):
+        for i in batch["sample_index"][batch["valid"]]:
+            samples[i] = dataclasses.replace(samples[i], query="the person opens the door " * 2000)
+        return batch
+
+    batch = next(batches)
+    first = int(batch["sample_index"][0])
+    samples[first] = dataclasses.replace(samples[first], query="the person opens the door " * 2000)
+    metrics = trainer.step(batch, rng=jax.random.key(0), step=0, skip=batches.skip)
+    assert np.isfinite(metrics["loss"]) and metrics["skipped_prompts"] == 1
+    assert batches.failed == 1
+    (_, sample_id, _, stage, reason), = batches.skipped
+    assert (sample_id, stage) == (samples[first].id, "transform") and "exceed max_tokens" in reason
+
+    before = jax.tree.map(np.asarray, trainer.trainable)
+    metrics = trainer.step(too_long(next(batches)), rng=jax.random.key(1), step=1, skip=batches.skip)
+    assert "loss" not in metrics and metrics["skipped_step"] == 1 and metrics["skipped_prompts"] == 2
+    assert batches.failed == 3
+    unchanged = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), trainer.trainable, before)
+    assert all(jax.tree.leaves(unchanged))  # no update, no division by zero
+    with pytest.raises(data_lib.DataFailureError, match="exceed max_tokens"):  # no pipeline to count them in
+        trainer.step(too_long(next(batches)), rng=jax.random.key(2), step=2)
+
+
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
