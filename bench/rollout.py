@@ -19,7 +19,8 @@ One JSON line per measurement:
   timed here, before the runs.
 
     python bench/rollout.py                          # batch 8 / prompt 128 and batch 32 / prompt 256
-    python bench/rollout.py --batches 1,8,32,64 --prompts-len 128 --skip-torch   # scaling with batch
+    python bench/rollout.py --cases 1x128,8x128,32x128,64x128 --skip-torch   # scaling with batch
+    python bench/rollout.py --cases 32x256 --skip-torch --skip-fan-out --attention xla   # another attention
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=4, help="fan-out case: distinct prompts")
     parser.add_argument("--samples", type=int, default=8, help="fan-out case: samples per prompt (G)")
     parser.add_argument("--fan-out-prompt", type=int, default=256, help="fan-out case: prompt length")
+    parser.add_argument("--attention", default="auto", help="model.attention: auto | blocked | xla | ...")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-fan-out", action="store_true")
     args = parser.parse_args()
@@ -195,7 +197,7 @@ def main():
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as path:
         build_checkpoint(path, args)
-        model = jm.from_pretrained(path)
+        model = jm.from_pretrained(path, attention=args.attention)
         for case in args.cases.split(","):
             batch, prompt = (int(v) for v in case.split("x"))
             ids = np.random.default_rng(batch).integers(0, args.vocab - 4, size=(batch, prompt)).astype(np.int32)
