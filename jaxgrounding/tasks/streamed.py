@@ -32,12 +32,15 @@ class StreamedEncoder:
         self.streaming = streaming
         self.reloads = reloads
         self.seed = seed
+        self._prefix = None  # the chat template's tokens before the video, tokenized once per process
 
     def __call__(self, sample, video, epoch: int) -> dict[str, np.ndarray]:
         example = self.encoder(sample, video, epoch)
         cut = split_example(example, self.encoder.model_config, self.streaming, self.encoder.config.frame_size)
         # One buffer layout serves a batch only if every row has the same prefix: the chat template's.
-        if not np.array_equal(cut["prefix_ids"], self.encoder.video_prefix()):
+        if self._prefix is None:
+            self._prefix = self.encoder.video_prefix()
+        if not np.array_equal(cut["prefix_ids"], self._prefix):
             raise ValueError(
                 f"sample {sample.id}: the tokens before the video differ from the chat template's prefix; streamed "
                 "batches need the same prefix in every row"

@@ -185,38 +185,17 @@ def test_auto_dispatch(monkeypatch):
         return hvr_reference(k, v, cos, sin, temporal=temporal, spatial=spatial)
 
     monkeypatch.setattr(hvr, "hvr_pallas", fake_pallas)
-    section = (2, 1, 1)
-    k = jnp.ones((1, 1, 4, 4, 1, 8))
     positions = jnp.zeros((3, 1, 4, 4), jnp.int32)
-    hvr_downsample(
-        k,
-        k,
-        positions,
-        config=HVRConfig(2, spatial=1, impl="auto"),
-        head_dim=8,
-        rope_theta=THETA,
-        mrope_section=section,
-    )
+
+    def pool(head_dim, section):
+        k = jnp.ones((1, 1, 4, 4, 1, head_dim))
+        config = HVRConfig(2, spatial=1, impl="auto")
+        hvr_downsample(k, k, positions, config=config, head_dim=head_dim, rope_theta=THETA, mrope_section=section)
+
+    pool(8, (2, 1, 1))
     assert calls == []  # cpu: the reference
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    hvr_downsample(
-        k,
-        k,
-        positions,
-        config=HVRConfig(2, spatial=1, impl="auto"),
-        head_dim=8,
-        rope_theta=THETA,
-        mrope_section=section,
-    )
+    pool(8, (2, 1, 1))
     assert calls == [False]  # gpu: the compiled kernel
-    k12 = jnp.ones((1, 1, 4, 4, 1, 12))  # D / 2 = 6: no power-of-two Triton tile, so "auto" falls back
-    hvr_downsample(
-        k12,
-        k12,
-        positions,
-        config=HVRConfig(2, spatial=1, impl="auto"),
-        head_dim=12,
-        rope_theta=THETA,
-        mrope_section=(4, 1, 1),
-    )
+    pool(12, (4, 1, 1))  # D / 2 = 6: no power-of-two Triton tile, so "auto" falls back
     assert calls == [False]

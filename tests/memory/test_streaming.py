@@ -29,6 +29,17 @@ def setup(tmp_path_factory):
     return config, model, batch
 
 
+def micro_streaming(temporal=2, impl="auto", recent=0, placement="auto"):
+    """Segments of 2 grids in a buffer of 8, the other settings as named."""
+    return streaming.StreamingConfig(
+        segment_frames=2,
+        hvr=HVRConfig(temporal=temporal, spatial=1, impl=impl),
+        recent_segments=recent,
+        max_segments=8,
+        dvr_placement=placement,
+    )
+
+
 def _full(model, batch, frame_size):
     config = model.llm.config
     arrays = device_batch(batch)
@@ -66,13 +77,7 @@ def _suffix_rows(values_btx, arrays):
 def test_unpooled_streaming_equals_the_full_forward(setup, recent):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
-        recent_segments=recent,
-        max_segments=8,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming(temporal=1, recent=recent)
     full, frames, frame_valid, cache = _full(model, batch, frame_size)
     arrays, layout, out = _stream(model, batch, frame_size, cfg)
     valid = arrays["suffix_valid"]
@@ -86,13 +91,7 @@ def test_unpooled_streaming_equals_the_full_forward(setup, recent):
 def test_hvr_keys_at_r1_are_the_full_forward_cache(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
-        max_segments=8,
-        recent_segments=0,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming(temporal=1)
     _, _, _, cache = _full(model, batch, frame_size)
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     b, tp = arrays["prefix_ids"].shape
@@ -113,13 +112,7 @@ def test_hvr_keys_at_r1_are_the_full_forward_cache(setup):
 def test_memory_order_does_not_change_the_answer(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
-        max_segments=8,
-        recent_segments=0,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming()
     arrays, layout, _ = _stream(model, batch, frame_size, cfg)
     b = arrays["prefix_ids"].shape[0]
     t = model.llm.config.text
@@ -144,13 +137,7 @@ def test_reloading_every_segment_shows_the_dvr_instead_of_the_hvr(setup):
     r = 1 that is again the full forward, while the coarse stage with r = 2 is not."""
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
-        max_segments=8,
-        recent_segments=0,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming()
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     n = arrays["segment_valid"].shape[1]
     _, _, coarse = _stream(model, batch, frame_size, cfg)
@@ -164,13 +151,7 @@ def test_reloading_every_segment_shows_the_dvr_instead_of_the_hvr(setup):
 def test_sharded_streaming_equals_single_device(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
-        recent_segments=1,
-        max_segments=8,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming(recent=1)
     _, _, single = _stream(model, batch, frame_size, cfg, hidden_layers=(-2,))
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
     graphdef, state = nnx.split(model)
@@ -185,13 +166,7 @@ def test_sharded_streaming_equals_single_device(setup):
 def test_generation_over_a_streamed_memory_equals_generation_over_the_whole_prompt(setup, tmp_path):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=1, spatial=1, impl="auto"),
-        max_segments=8,
-        recent_segments=0,
-        dvr_placement="auto",
-    )
+    cfg = micro_streaming(temporal=1)
     llm = model.llm
     # Prompts only: cut every row at its response (the loss mask marks it).
     prompt = dict(batch)
@@ -224,13 +199,7 @@ def test_inference_fine_stage_sees_what_training_saw(setup, placement):
     back) gives the suffix the same states as the differentiable training pass."""
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
-        max_segments=8,
-        dvr_placement=placement,
-        recent_segments=0,
-    )
+    cfg = micro_streaming(placement=placement)
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     b, n = arrays["segment_valid"].shape[:2]
     chosen = np.array([[0, 2], [1, -1]])[:b]
@@ -256,13 +225,7 @@ def test_inference_fine_stage_sees_what_training_saw(setup, placement):
 def test_streamed_memory_is_sharded_by_batch_and_kv_heads(setup):
     config, model, batch = setup
     frame_size = tuple(config.data.frame_size)
-    cfg = streaming.StreamingConfig(
-        segment_frames=2,
-        hvr=HVRConfig(temporal=2, spatial=1, impl="auto"),
-        max_segments=8,
-        dvr_placement="device",
-        recent_segments=0,
-    )
+    cfg = micro_streaming(placement="device")
     arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
     single = streaming.stream_prompt(model.llm, arrays, cfg, frame_size)
     mesh = parallel.make_mesh(data=1, fsdp=2, tensor=2)
@@ -285,13 +248,7 @@ def test_pallas_kernel_in_interpret_mode_streams_like_the_reference(setup):
     frame_size = tuple(config.data.frame_size)
     memories = []
     for impl in ("reference", "pallas_interpret"):
-        cfg = streaming.StreamingConfig(
-            segment_frames=2,
-            hvr=HVRConfig(temporal=2, impl=impl, spatial=1),
-            max_segments=8,
-            recent_segments=0,
-            dvr_placement="auto",
-        )
+        cfg = micro_streaming(impl=impl)
         arrays = streaming.split_batch(batch, model.llm.config, cfg, frame_size)
         memories.append(streaming.stream_prompt(model.llm, arrays, cfg, frame_size).memory)
     np.testing.assert_allclose(np.asarray(memories[0].keys), np.asarray(memories[1].keys), atol=1e-6)

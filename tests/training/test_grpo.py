@@ -50,6 +50,17 @@ def micro_config(data_root):
     return config
 
 
+def trainer_and_batches(config, workdir):
+    """The GRPO trainer of `config` and an iterator over its training batches, as the train command builds them."""
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    transform = experiment.train_transform(config, checkpoint, train)
+    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
+    batches = iter(data_lib.make_pipeline(train, pipeline, transform))
+    model, tokenizer = experiment.build_model(config, checkpoint)
+    return experiment.build_trainer(config, model, tokenizer, checkpoint, train), batches
+
+
 def test_completion_logprobs_equal_a_full_forward(tmp_path):
     config = micro_config(tmp_path / "data")
     workdir = str(tmp_path / "run")
@@ -145,14 +156,7 @@ def test_grpo_over_the_streamed_memory_trains(tmp_path, monkeypatch):
     config.train.steps = 2
     config.grpo.num_iterations = 1
     config.grpo.grounding_prob = 1.0
-    workdir = str(tmp_path / "run")
-    train, _ = experiment.load_samples(config, workdir)
-    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    transform = experiment.train_transform(config, checkpoint, train)
-    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
-    batches = iter(data_lib.make_pipeline(train, pipeline, transform))
-    model, tokenizer = experiment.build_model(config, checkpoint)
-    trainer = experiment.build_trainer(config, model, tokenizer, checkpoint, train)
+    trainer, batches = trainer_and_batches(config, str(tmp_path / "run"))
     assert trainer.objective.encoder.video_first
     before = jax.tree.map(np.asarray, trainer.trainable)
     for step in range(2):
@@ -171,14 +175,7 @@ def test_prompts_that_cannot_be_built_are_skipped_and_counted(tmp_path):
     config.warm_start.steps = 0
     config.grpo.num_iterations = 1
     config.grpo.grounding_prob = 1.0
-    workdir = str(tmp_path / "run")
-    train, _ = experiment.load_samples(config, workdir)
-    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
-    transform = experiment.train_transform(config, checkpoint, train)
-    pipeline = settings.pipeline_config(config, train=True, batch_size=config.train.batch_size)
-    batches = iter(data_lib.make_pipeline(train, pipeline, transform))
-    model, tokenizer = experiment.build_model(config, checkpoint)
-    trainer = experiment.build_trainer(config, model, tokenizer, checkpoint, train)
+    trainer, batches = trainer_and_batches(config, str(tmp_path / "run"))
     samples = trainer.objective.samples
 
     def too_long(batch):
