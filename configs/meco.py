@@ -154,6 +154,9 @@ def get_config(arg=None):
     config.encoder = ml_collections.ConfigDict()
     config.encoder.task = "grounding"
     config.encoder.max_tokens = 2048
+    # Each frame's start time as text before it ("<12.0 seconds>", Qwen3-VL's layout). Qwen2.5-VL reads time
+    # from M-RoPE's absolute temporal ids and was not trained with these texts.
+    config.encoder.frame_time_text = False
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 8

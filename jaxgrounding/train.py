@@ -59,6 +59,8 @@ def check_config(config) -> None:
         problems.append(f"data.max_failure_fraction={config.data.max_failure_fraction!r}: must be in [0, 1]")
     if config.data.on_bad_line not in ("raise", "skip"):
         problems.append(f"data.on_bad_line={config.data.on_bad_line!r}: must be 'raise' or 'skip'")
+    if config.encoder.frame_time_text and config.memory == "streaming":
+        problems.append("encoder.frame_time_text=True: not supported with memory='streaming' (segments carry no text)")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

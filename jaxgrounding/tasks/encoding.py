@@ -12,7 +12,10 @@ This is the model-side transform of the grain pipeline (it runs in the data work
 - for L_ST: the position that predicts each structural token, its kind, and the range of
   temporal grids ("frames" of the model) its window covers; which grid each visual token
   belongs to;
-- M-RoPE positions (absolute time from the true sampled fps) are computed here, on the host.
+- M-RoPE positions (absolute time from the true sampled fps) are computed here, on the host;
+- with `frame_time_text`, every temporal grid is preceded by its start time as text
+  (`<12.0 seconds><|vision_start|>...<|vision_end|>`, the layout Qwen3-VL reads time from), each grid its
+  own vision block.
 
 A "frame" of the model is one temporal grid: `temporal_patch_size` consecutive sampled frames.
 """
@@ -37,13 +40,15 @@ KIND_IDS = {"ent": 1, "tst": 2}  # 0 is padding
 class EncoderConfig:
     """task: instruction family (templates.TASKS); frame_size: (H, W) every frame is resized to
     (multiples of 28); max_tokens: longest sequence allowed; random_instruction: draw the
-    instruction phrasing at random (training) or take the first (evaluation)."""
+    instruction phrasing at random (training) or take the first (evaluation); frame_time_text: write each
+    temporal grid's start time as text before it (`frame_time_text`)."""
 
     task: str
     frame_size: tuple[int, int]
     max_tokens: int
     random_instruction: bool
     seed: int
+    frame_time_text: bool
 
     @classmethod
     def from_config(cls, config, *, train: bool) -> EncoderConfig:
@@ -54,7 +59,14 @@ class EncoderConfig:
             max_tokens=config.encoder.max_tokens,
             random_instruction=train,
             seed=config.seed,
+            frame_time_text=config.encoder.frame_time_text,
         )
+
+
+def frame_time_text(seconds: float) -> str:
+    """The text written before a temporal grid that starts at `seconds` (Qwen3-VL's "<t seconds>" with one
+    decimal): a model reads absolute time from these tokens instead of from M-RoPE's temporal ids alone."""
+    return f"<{seconds:.1f} seconds>"
 
 
 class StructuralEncoder:
@@ -88,6 +100,10 @@ class StructuralEncoder:
 
     def video_prefix(self) -> np.ndarray:
         """The tokens every video-first prompt starts with, up to the video (system turn, <|vision_start|>)."""
+        if self.config.frame_time_text:
+            # Streaming cuts the prompt into one vision block per segment; time texts between grids would
+            # have to travel with the segments, which the streamed layout does not carry.
+            raise ValueError("encoder.frame_time_text is not supported with streamed memory (memory='streaming')")
         ids = np.asarray(self._prompt_ids("", 1), np.int32)
         return ids[: int(np.argmax(ids == self.model_config.video_token_id))]
 
@@ -104,9 +120,12 @@ class StructuralEncoder:
             )
         return processor.video(frames, fps=float(video.fps))
 
-    def _prompt_ids(self, instruction: str, num_visual_tokens: int, text_first: bool = False) -> list[int]:
+    def _prompt_ids(
+        self, instruction: str, num_visual_tokens: int, text_first: bool = False, grid_times=None
+    ) -> list[int]:
         """The chat-templated user turn: the video then the instruction (MeCo), or with `text_first`
-        the instruction then the video (Time-R1's training prompt)."""
+        the instruction then the video (Time-R1's training prompt). With `grid_times` (one start time per
+        temporal grid), the video is one vision block per grid, each preceded by its time text."""
         tokenizer, config, _ = self._load()
         content = [{"type": "video"}, {"type": "text", "text": instruction}]
         messages = [{"role": "user", "content": content[::-1] if text_first else content}]
@@ -114,8 +133,24 @@ class StructuralEncoder:
         pad = "<|video_pad|>"
         if text.count(pad) != 1:
             raise ValueError(f"{self.checkpoint}: the chat template must place exactly one {pad} per video")
-        text = text.replace(pad, pad * num_visual_tokens)
+        if grid_times is None:
+            text = text.replace(pad, pad * num_visual_tokens)
+        else:
+            block = f"<|vision_start|>{pad}<|vision_end|>"
+            if text.count(block) != 1:
+                raise ValueError(f"{self.checkpoint}: frame_time_text needs the video as {block} in the chat template")
+            per_grid = num_visual_tokens // len(grid_times)
+            grids = "".join(
+                f"{frame_time_text(t)}<|vision_start|>{pad * per_grid}<|vision_end|>" for t in grid_times
+            )
+            text = text.replace(block, grids)
         return tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _grid_times(self, video, visual):
+        """Each temporal grid's start time when the prompt writes them (`frame_time_text`), else None."""
+        if not self.config.frame_time_text:
+            return None
+        return _grid_start_times(video, visual, self._load()[1])
 
     def _instruction(self, sample) -> str:
         rng = None
@@ -128,7 +163,10 @@ class StructuralEncoder:
         """Inference inputs: the prompt only, plus what is needed to read the answer back."""
         _, config, _ = self._load()
         visual = self._visual(sample, video)
-        ids = np.asarray(self._prompt_ids(self._instruction(sample), visual.num_tokens), np.int32)
+        ids = np.asarray(
+            self._prompt_ids(self._instruction(sample), visual.num_tokens, grid_times=self._grid_times(video, visual)),
+            np.int32,
+        )
         return self._common(ids, visual, video, config) | {"duration": np.float32(sample.duration)}
 
     def __call__(self, sample, video, epoch: int) -> dict[str, np.ndarray]:
@@ -137,7 +175,9 @@ class StructuralEncoder:
         del epoch
         tokenizer, config, _ = self._load()
         visual = self._visual(sample, video)
-        prompt = self._prompt_ids(self._instruction(sample), visual.num_tokens)
+        prompt = self._prompt_ids(
+            self._instruction(sample), visual.num_tokens, grid_times=self._grid_times(video, visual)
+        )
         text, tokens = structural.structural_response(sample.windows, sample.captions, sample.duration)
         response = tokenizer.tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids = np.asarray(prompt + response, np.int32)
@@ -172,16 +212,18 @@ class StructuralEncoder:
 
     def _common(self, ids, visual, video, config: ModelConfig) -> dict[str, np.ndarray]:
         grid = visual.grid_thw
-        positions, _ = rope_positions(
-            ids[None], config, video_grid_thw=grid[None], second_per_grid_ts=np.array([visual.second_per_grid])
-        )
+        if self.config.frame_time_text:
+            # One vision block per temporal grid, as Qwen3-VL lays them out: each its own [1, h, w] grid.
+            grids = np.tile([1, grid[1], grid[2]], (int(grid[0]), 1))
+            seconds = np.full(int(grid[0]), visual.second_per_grid)
+        else:
+            grids, seconds = grid[None], np.array([visual.second_per_grid])
+        positions, _ = rope_positions(ids[None], config, video_grid_thw=grids, second_per_grid_ts=seconds)
         tokens_per_grid = int(grid[1] * grid[2]) // config.vision.spatial_merge_size**2
         frame_of_token = np.full(ids.shape, -1, np.int32)
         video_slots = np.flatnonzero(ids == config.video_token_id)
         frame_of_token[video_slots] = np.arange(video_slots.shape[0]) // tokens_per_grid
-        # A grid starts at its first sampled frame; padding frames (odd counts) repeat the last one.
-        timestamps = np.asarray(video.timestamps, np.float32)
-        grid_times = timestamps[:: config.vision.temporal_patch_size][: int(grid[0])]
+        grid_times = _grid_start_times(video, visual, config)
         return {
             "input_ids": ids,
             "positions": positions[:, 0].T.copy(),  # [T, 3] so the pipeline pads along time
@@ -190,6 +232,12 @@ class StructuralEncoder:
             "grid_times": grid_times,
             "grid_duration": np.float32(visual.second_per_grid),  # seconds one grid spans
         }
+
+
+def _grid_start_times(video, visual, config: ModelConfig) -> np.ndarray:
+    # A grid starts at its first sampled frame; padding frames (odd counts) repeat the last one.
+    timestamps = np.asarray(video.timestamps, np.float32)
+    return timestamps[:: config.vision.temporal_patch_size][: int(visual.grid_thw[0])]
 
 
 def clip(video, window: tuple[float, float]):
@@ -221,7 +269,12 @@ class ChatEncoder(StructuralEncoder):
     def prompt(self, instruction: str, video, sample_id: str = "") -> dict[str, np.ndarray]:
         _, config, _ = self._load()
         visual = self._visual_of(video)
-        ids = np.asarray(self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first), np.int32)
+        ids = np.asarray(
+            self._prompt_ids(
+                instruction, visual.num_tokens, not self.video_first, grid_times=self._grid_times(video, visual)
+            ),
+            np.int32,
+        )
         self._check_length(ids, sample_id)
         return self._common(ids, visual, video, config)
 
@@ -229,7 +282,9 @@ class ChatEncoder(StructuralEncoder):
         """A supervised example: prompt + response, `loss_mask` on the response tokens."""
         tokenizer, config, _ = self._load()
         visual = self._visual_of(video)
-        prompt = self._prompt_ids(instruction, visual.num_tokens, text_first=not self.video_first)
+        prompt = self._prompt_ids(
+            instruction, visual.num_tokens, not self.video_first, grid_times=self._grid_times(video, visual)
+        )
         answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids = np.asarray(prompt + answer, np.int32)
         self._check_length(ids, sample_id)

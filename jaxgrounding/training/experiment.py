@@ -26,7 +26,7 @@ from jaxgrounding.model import hub
 from jaxgrounding.model.lora import apply_lora
 from jaxgrounding.model.tiny import build_tiny_checkpoint
 from jaxgrounding.model.tokenizer import init_token_rows, load_tokenizer
-from jaxgrounding.tasks import inversion, templates, timestamps
+from jaxgrounding.tasks import encoding, inversion, templates, timestamps
 from jaxgrounding.tasks.coarse_to_fine import CoarseToFineConfig
 from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEncoder
 from jaxgrounding.tasks.streamed import StreamedEncoder
@@ -98,10 +98,10 @@ def load_samples(config, workdir: str) -> tuple[list, list]:
     )
 
 
-def text_corpus(samples) -> list[str]:
+def text_corpus(samples, *, frame_time_text: bool) -> list[str]:
     """Texts the tiny tokenizer is trained on: queries, captions, the instruction templates and the text
     answer format (grounding prompts, inversion prompts, `<answer>` windows), so both answer formats
-    tokenise into few pieces."""
+    tokenise into few pieces; with `frame_time_text`, the time texts written before each frame."""
     texts = [s.query for s in samples] + [c for s in samples for c in (s.captions or [])]
     texts += [p for task in templates.TASKS for p in templates.TEMPLATES[task]]
     texts += [
@@ -115,6 +115,9 @@ def text_corpus(samples) -> list[str]:
         window = (start, start + rng.uniform(0.5, 20))
         texts.append(timestamps.format_answer(window, thinking=None))
         texts.append(timestamps.format_answer(window, thinking=f"The event is seen from {window[0]:.2f} to {window[1]:.2f}."))
+    if frame_time_text:
+        longest = max((s.duration for s in samples), default=0.0)
+        texts += [encoding.frame_time_text(t) for t in np.arange(0.0, longest + 1.0, 0.1)]
     return texts
 
 
@@ -142,7 +145,9 @@ def resolve_checkpoint(config, workdir: str, train_samples) -> str:
         return hub.resolve(config.model.checkpoint)
     sizes = dict(config.model.tiny)
     return build_tiny_checkpoint(
-        os.path.join(workdir, "tiny_model"), text_corpus(train_samples), seed=config.seed, **sizes
+        os.path.join(workdir, "tiny_model"),
+        text_corpus(train_samples, frame_time_text=config.encoder.frame_time_text),
+        seed=config.seed, **sizes
     )
 
 
