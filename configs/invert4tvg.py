@@ -66,7 +66,9 @@ def get_config(arg=None):
     config.data.synthetic_eval_videos = 60
 
     config.answer = ml_collections.ConfigDict()
-    config.answer.format = "timestamps"  # Time-R1's "<answer> start to end </answer>"
+    # "timestamps": Time-R1's "<answer> start to end </answer>"; "structural": MeCo's <ent>/<tst> answer, warm-started
+    # by MeCo's SFT (LM + L_ST) and rewarded by the IoU of its top window (grounding only: grpo.grounding_prob = 1).
+    config.answer.format = "timestamps"
     config.answer.thinking = False  # the tiny model answers directly; real presets reason in <think>
 
     # The supervised warm start in the answer format (a tiny model from scratch knows no format).
@@ -75,6 +77,9 @@ def get_config(arg=None):
     config.warm_start.learning_rate = 1e-3
     config.warm_start.warmup_fraction = 0.03
     config.warm_start.inversion_fraction = 0.2  # share of warm-start examples that are inversion tasks
+    # Weight of the time pointers, an auxiliary L_ST that grounds the states writing the start / end numbers to the
+    # grids where the window starts / ends (training.grpo.WarmStartTransform); 0: the answer tokens alone.
+    config.warm_start.pointer_weight = 1.0
 
     config.grpo = ml_collections.ConfigDict()
     config.grpo.num_samples = 8  # G

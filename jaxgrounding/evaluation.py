@@ -54,7 +54,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     """
     if config.eval.max_samples:
         samples = samples[: config.eval.max_samples]
-    if answer_format(config) == "timestamps":
+    if settings.answer_format(config) == "timestamps":
         return evaluate_answers(model, tokenizer, samples, checkpoint, config, out_dir)
     index, count = jax.process_index(), jax.process_count()
     encoder = StructuralEncoder(checkpoint, EncoderConfig.from_config(config, train=False))
@@ -101,11 +101,6 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     if primary:
         _write_results(out_dir, rows, result)
     return result
-
-
-def answer_format(config) -> str:
-    """"structural" (MeCo's <ent>/<tst>, read through frame similarity) or "timestamps" (Time-R1's text)."""
-    return config.answer.format if "answer" in config else "structural"
 
 
 def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:

@@ -107,6 +107,26 @@ def generate_answers(model: GroundingModel, batch: dict, tokenizer, frame_size, 
     ]
 
 
+def sample_predictions(
+    model: GroundingModel, batch: dict, tokenizer, assignment: AssignmentConfig, gen, num_samples: int
+) -> list[Prediction | None]:
+    """The Prediction of every row p * G + g of a G-sample generation over the prompt batch `batch` (None for
+    padding prompts): each sample's structural tokens against its prompt's frame states, which its G samples
+    share. `gen` must carry `hidden_layers=(-2,)` and `prompt_layers=(-1,)` (`sampling.generate`)."""
+    g = num_samples
+    mask = jnp.asarray(batch["input_ids_mask"]) & jnp.asarray(batch["valid"])[:, None]
+    frame_of_token = jnp.where(mask, jnp.asarray(batch["frame_of_token"]), -1)
+    frame_states, frame_valid = pool_frame_states(gen.prompt_hidden[-1], frame_of_token, np.shape(batch["grid_times"])[1])
+    rows = {k: np.repeat(np.asarray(batch[k]), g, axis=0) for k in ("valid", "grid_times", "duration", "grid_duration")}
+    predictions = _read(
+        model, rows, tokenizer, assignment, gen, jnp.repeat(frame_states, g, axis=0), np.repeat(np.asarray(frame_valid), g, axis=0)
+    )
+    out: list[Prediction | None] = [None] * len(rows["valid"])
+    for r, prediction in zip(np.flatnonzero(rows["valid"]), predictions):
+        out[r] = prediction
+    return out
+
+
 def _end_ids(tokenizer) -> list[int]:
     end_ids = [tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     if tokenizer.tokenizer.eos_token_id is not None:

@@ -72,7 +72,13 @@ def prompt_buckets(config) -> dict[str, tuple[int, ...]]:
     return {k: v for k, v in buckets.items() if k in schema.PROMPT}
 
 
+def answer_format(config) -> str:
+    """"structural" (MeCo's <ent>/<tst>, read through frame similarity) or "timestamps" (Time-R1's text)."""
+    return config.answer.format if "answer" in config else "structural"
+
+
 def video_first(config) -> bool:
     """Whether answer-format prompts put the video before the instruction: a streamed config's must (the video
-    is streamed into memory first, then the question asks), Time-R1's put the query first."""
-    return config.memory == "streaming"
+    is streamed into memory first, then the question asks), and MeCo's structural prompts do; Time-R1's put the
+    query first."""
+    return config.memory == "streaming" or answer_format(config) == "structural"

@@ -59,6 +59,16 @@ def check_config(config) -> None:
         problems.append(f"data.max_failure_fraction={config.data.max_failure_fraction!r}: must be in [0, 1]")
     if config.data.on_bad_line not in ("raise", "skip"):
         problems.append(f"data.on_bad_line={config.data.on_bad_line!r}: must be 'raise' or 'skip'")
+    if "answer" in config:
+        if config.answer.format not in ("timestamps", "structural"):
+            problems.append(f"answer.format={config.answer.format!r}: must be 'timestamps' or 'structural'")
+        elif config.answer.format == "structural" and config.grpo.grounding_prob != 1.0:
+            problems.append(
+                f"grpo.grounding_prob={config.grpo.grounding_prob}: answer.format='structural' trains grounding only "
+                "(the inversion tasks answer in text); set it to 1.0"
+            )
+        elif config.answer.format == "structural" and config.memory == "streaming":
+            problems.append("answer.format='structural' with memory='streaming': not supported (use 'timestamps')")
     if config.encoder.frame_time_text and config.memory == "streaming":
         problems.append("encoder.frame_time_text=True: not supported with memory='streaming' (segments carry no text)")
     if problems:

@@ -278,19 +278,30 @@ class ChatEncoder(StructuralEncoder):
         self._check_length(ids, sample_id)
         return self._common(ids, visual, video, config)
 
-    def example(self, instruction: str, video, response: str, sample_id: str = "") -> dict[str, np.ndarray]:
-        """A supervised example: prompt + response, `loss_mask` on the response tokens."""
+    def example(
+        self, instruction: str, video, response: str, sample_id: str = "", marks: tuple[int, ...] = ()
+    ) -> dict[str, np.ndarray]:
+        """A supervised example: prompt + response, `loss_mask` on the response tokens. `marks`: character offsets
+        into `response`; for each, `struct_positions` holds the index of the state that predicts the response
+        token covering it (the states an auxiliary L_ST reads)."""
         tokenizer, config, _ = self._load()
         visual = self._visual_of(video)
         prompt = self._prompt_ids(
             instruction, visual.num_tokens, not self.video_first, grid_times=self._grid_times(video, visual)
         )
-        answer = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        encoded = tokenizer.tokenizer(response + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+        answer = encoded["input_ids"]
         ids = np.asarray(prompt + answer, np.int32)
         self._check_length(ids, sample_id)
         loss_mask = np.zeros(ids.shape, bool)
         loss_mask[len(prompt) :] = True
-        return self._common(ids, visual, video, config) | {"loss_mask": loss_mask}
+        example = self._common(ids, visual, video, config) | {"loss_mask": loss_mask}
+        if marks:
+            spans = encoded["offset_mapping"]
+            covering = [next(k for k, (a, b) in enumerate(spans) if a <= m < b) for m in marks]
+            # The state that predicts token i sits at position i - 1.
+            example["struct_positions"] = np.asarray(covering, np.int32) + len(prompt) - 1
+        return example
 
     def _check_length(self, ids: np.ndarray, sample_id: str) -> None:
         # Named here, per sample (a skippable failure), rather than as a bucket overflow of the whole batch.

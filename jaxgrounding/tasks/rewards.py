@@ -22,6 +22,14 @@ The built-in rewards (all in [0, 1], finite on any text):
 - "action_recognition" (eq. 6): 1 when the lemma of the answer's first word is a truth verb.
 - "video_description" (eq. 7): 1 when every truth verb is a verb of the description.
 
+Structural answers (MeCo's `<ent>`/`<tst>`, `answer.format = "structural"`), whose windows are not in the text
+but come from the structural tokens' frame similarities (`inference`), which the caller passes as `windows`:
+
+- "structural_iou" (grounding): IoU of the top-ranked window with the first ground-truth window, 0 when
+  the answer yields no window.
+- "structural_format" (grounding): the whole output is MeCo's answer (`tasks.structural`): pieces joined
+  by newlines, each a caption ended by `<ent>` or a bare `<tst>`, with at least one `<ent>`.
+
 The three inversion rewards give 0 when the output has no `<answer>` block (the reference scores a
 missing block as an empty answer, which earns 1 on a verb-free truth). Truth verbs:
 `inversion.truth_verbs`.
@@ -34,7 +42,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from jaxgrounding.data.sample import Sample
-from jaxgrounding.tasks import inversion, timestamps
+from jaxgrounding.tasks import inversion, structural, timestamps
 from jaxgrounding.tasks import verbs as verbs_lib
 
 RewardFn = Callable[..., "float | None"]
@@ -42,12 +50,17 @@ REWARDS: dict[str, RewardFn] = {}
 
 # Invert4TVG's rewards: IoU + format for grounding, the task's reward + format for an inversion task.
 DEFAULT_REWARDS = ("iou", "format", "verb_completion", "action_recognition", "video_description")
+# GRPO on MeCo's structural answers (grounding only: the inversion tasks answer in text).
+STRUCTURAL_REWARDS = ("structural_iou", "structural_format")
 
 # A block's content: any text without an opening or closing think / answer tag.
 _TAG_FREE = r"(?:(?!</?(?:think|answer)>).)*"
 _THINK_THEN_ANSWER = re.compile(rf"<think>{_TAG_FREE}</think>\s*<answer>{_TAG_FREE}</answer>", re.DOTALL)
 _ANSWER_ONLY = re.compile(rf"<answer>{_TAG_FREE}</answer>", re.DOTALL)
 _FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# One piece of a structural answer: a caption (no tags, no newline) ended by <ent>, or a bare <tst>.
+_PIECE = rf"(?:[^<>\n]*{re.escape(structural.ENT)}|{re.escape(structural.TST)})"
+_STRUCTURAL = re.compile(rf"{_PIECE}(?:\n{_PIECE})*")
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
 
 
@@ -124,6 +137,12 @@ def format_reward(text: str, task: str, *, thinking: bool = True) -> float:
     return 1.0 if pattern.fullmatch(text.strip()) else 0.0
 
 
+def structural_format_reward(text: str) -> float:
+    """1.0 when the whole output is a structural answer with at least one `<ent>` (module docstring)."""
+    text = text.strip()
+    return 1.0 if _STRUCTURAL.fullmatch(text) and structural.ENT in text else 0.0
+
+
 def _first_answer(text: str) -> str | None:
     match = _FIRST_ANSWER.search(text)
     return None if match is None else match.group(1).strip()
@@ -181,3 +200,20 @@ def _inversion_reward(task: str, score: Callable[[str, Sequence[str]], float]) -
 register_reward("verb_completion")(_inversion_reward("verb_completion", verb_completion_reward))
 register_reward("action_recognition")(_inversion_reward("action_recognition", action_recognition_reward))
 register_reward("video_description")(_inversion_reward("video_description", video_description_reward))
+
+
+@register_reward("structural_iou")
+def _structural_iou(text: str, sample: Sample, task: str, *, windows=None, **_) -> float | None:
+    """`windows`: the answer's ranked (start, end) windows, best first (`inference`'s frame assignment)."""
+    del text
+    if task != "grounding":
+        return None
+    if windows is None:
+        raise ValueError("structural_iou needs the answer's windows (windows=...), read from its structural tokens")
+    return iou(windows[0], sample.windows[0]) if len(windows) else 0.0
+
+
+@register_reward("structural_format")
+def _structural_format(text: str, sample: Sample, task: str, **_) -> float | None:
+    del sample
+    return structural_format_reward(text) if task == "grounding" else None

@@ -13,6 +13,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -165,6 +166,7 @@ def train_transform(config, checkpoint: str, train_samples):
             inversion_fraction=config.warm_start.inversion_fraction,
             inversion_tasks=tuple(config.grpo.inversion_tasks),
             seed=config.seed,
+            time_pointers=config.train.st_weight > 0,
         )
     encoder = StructuralEncoder(checkpoint, encoder_config)
     if config.memory == "streaming":
@@ -175,13 +177,16 @@ def train_transform(config, checkpoint: str, train_samples):
 
 
 def warm_start_config(config):
-    """The supervised warm start of a GRPO config: the same model and data, the answer-format SFT objective,
+    """The supervised warm start of a GRPO config: the same model and data, the answer format's SFT objective,
     `warm_start.steps` steps at `warm_start.learning_rate`, exported as an HF checkpoint GRPO starts from."""
     warm = config.copy_and_resolve_references()
+    structural = settings.answer_format(config) == "structural"
     with warm.unlocked():
-        warm.method = "answer_sft"
+        # Structural answers are MeCo's: its SFT (LM + L_ST) teaches the format and trains the heads that read it.
+        warm.method = "meco" if structural else "answer_sft"
         warm.train.steps = config.warm_start.steps
-        warm.train.st_weight = 0.0
+        # Text answers: the time pointers' weight (`WarmStartTransform.time_pointers`), 0 to train the answer alone.
+        warm.train.st_weight = config.train.st_weight if structural else config.warm_start.pointer_weight
         warm.train.export = True
         warm.train.log_every = 50
         warm.train.checkpoint_every = config.warm_start.steps
@@ -230,7 +235,31 @@ def build_model(config, checkpoint: str, mesh=None):
             dropout=config.lora.dropout,
             seed=config.seed,
         )
-    return GroundingModel(llm, rngs=nnx.Rngs(config.seed)), tokenizer
+    model = GroundingModel(llm, rngs=nnx.Rngs(config.seed))
+    heads = os.path.join(checkpoint, HEADS_FILE)
+    if os.path.isfile(heads):  # an exported grounding model (export_hf) continues with its trained heads
+        load_heads(model, heads)
+    return model, tokenizer
+
+
+# MeCo's projector heads beside an exported checkpoint's weights (not an HF module, so transformers ignores it).
+HEADS_FILE = "structural_heads.safetensors"
+
+
+def load_heads(model: GroundingModel, path: str) -> None:
+    """Sets `model.heads` from a file `export_hf` wrote; every head parameter must be there with its shape."""
+    from jaxgrounding.model import safetensors_io
+
+    stored = safetensors_io.SafetensorsFile(path)
+    flat = nnx.to_flat_state(nnx.state(model.heads))
+    for key, variable in flat:
+        name = ".".join(map(str, key))
+        if name not in stored.keys():
+            raise ValueError(f"{path}: no tensor {name!r} (has {sorted(stored.keys())})")
+        value, want = stored.get(name), variable.get_value()
+        if value.size != want.size or value.squeeze().shape != want.squeeze().shape:  # a scalar is stored as [1]
+            raise ValueError(f"{path}: {name} has shape {value.shape}, the model's is {want.shape}")
+        variable.set_value(jnp.asarray(value.reshape(want.shape), want.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,4 +313,4 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
     jm.save_pretrained(llm, path)
     tokenizer.tokenizer.save_pretrained(path)
     heads = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model.heads))}
-    safetensors_io.write(os.path.join(path, "structural_heads.safetensors"), heads)
+    safetensors_io.write(os.path.join(path, HEADS_FILE), heads)

@@ -10,7 +10,11 @@ GRPO learner define it):
    `temperature` (`sampling.generate`: the G samples share the prompt's KV), with their float32
    log-probabilities;
 3. rewards on the host (`tasks.rewards`: IoU + format for grounding, the inversion reward + format
-   for the inversion tasks) and group-normalised advantages (`objectives.grpo.group_advantages`);
+   for the inversion tasks) and group-normalised advantages (`objectives.grpo.group_advantages`).
+   With `answer_format = "structural"` the model answers grounding prompts as MeCo does (`<ent>`/`<tst>`
+   after query-focused captions) and the IoU is that of the top window its structural tokens select
+   through the frame similarities (`inference.sample_predictions`), so a model trained by SFT with L_ST
+   continues with GRPO;
 4. `num_iterations` optimizer updates on that rollout batch (`Objective.updates_per_batch`), each
    the clipped surrogate + beta * KL of `objectives.grpo.grpo_loss`. With one iteration the old
    policy is the current one (ratio exactly 1, as TRL does); with more, the old log-probs are scored
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrounding import parallel, sampling, settings
+from jaxgrounding import inference, parallel, sampling, settings
 from jaxgrounding.data import padding
 from jaxgrounding.data.pipeline import DataFailureError
 from jaxgrounding.data import video as video_lib
@@ -51,7 +55,7 @@ from jaxgrounding.model.decoder import Memory
 from jaxgrounding.model.lora import adapters_disabled
 from jaxgrounding.objectives import grpo as grpo_lib
 from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
-from jaxgrounding.tasks import inversion, rewards, timestamps
+from jaxgrounding.tasks import inversion, rewards, templates, timestamps
 from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, clip
 from jaxgrounding.training.trainer import register_objective
 
@@ -80,6 +84,9 @@ class GRPOConfig:
     iou: str  # "plain" | "distance_weighted"
     thinking: bool  # the grounding prompt asks for <think> reasoning first
     seed: int
+    # "timestamps": Time-R1's text answer; "structural": MeCo's, its windows read through `assignment`.
+    answer_format: str = "timestamps"
+    assignment: inference.AssignmentConfig | None = None
     # TimeScope's streamed memory: each prompt's video is streamed into HVR memory (the coarse stage) and its G
     # completions attend to that one memory; None: the whole prompt in one causal pass.
     streaming: streaming_lib.StreamingConfig | None = None
@@ -264,7 +271,13 @@ class GRPO:
 
         g = config.num_samples
         texts = [self._text(tokens[r], lengths[r]) for r in range(tokens.shape[0])]
-        scores = self._rewards(tasks, samples, texts, len(batch["valid"]))
+        windows = None
+        if config.answer_format == "structural":
+            predictions = inference.sample_predictions(
+                model, arrays, self.encoder.tokenizer, config.assignment, gen, g
+            )
+            windows = [None if p is None else [(w.start, w.end) for w in p.windows] for p in predictions]
+        scores = self._rewards(tasks, samples, texts, len(batch["valid"]), windows)
         totals = np.nan_to_num(sum(s for s in scores.values()), nan=0.0)
         valid_rows = np.repeat(arrays["valid"], g)
         advantages, zero_std = grpo_lib.group_advantages(
@@ -362,6 +375,8 @@ class GRPO:
         if config.streaming is None:
             arrays = device_batch(arrays)
             inputs = batch_inputs(arrays, self.model_config, batch_plan(arrays, self.model_config, frame_size))
+            if config.answer_format == "structural":  # the states the structural tokens are read through
+                generate |= dict(hidden_layers=(-2,), prompt_layers=(-1,))
             return arrays, sampling.generate(model.llm, inputs, sampling_config, num_samples=config.num_samples, **generate)
         streamed = streaming_lib.split_batch(arrays, self.model_config, config.streaming, frame_size)
         streamed["valid"] = arrays["valid"]
@@ -385,6 +400,7 @@ class GRPO:
                 # A sample the step's inversion task cannot score (no verb to recover) is asked to ground instead.
                 sample_task = task if task == "grounding" or inversion.applicable(task, sample) else "grounding"
                 prompt = self.encoder.prompt(*self._task_prompt(sample_task, sample, video), sample.id)
+                prompt["duration"] = np.float32(sample.duration)
             except Exception as e:  # pylint: disable=broad-except  # any per-sample error, as the pipeline's
                 failures.append((sample, "transform", f"{type(e).__name__}: {e}"))
                 continue
@@ -401,6 +417,8 @@ class GRPO:
         return kept
 
     def _task_prompt(self, task: str, sample: Sample, video: video_lib.Video):
+        if task == "grounding" and self.config.answer_format == "structural":
+            return templates.instruction(self.encoder.config.task, sample.query, None), video  # MeCo's evaluation phrasing
         if task == "grounding":
             return timestamps.grounding_prompt(sample.query, thinking=self.config.thinking), video
         return inversion.prompt(task, sample), clip(video, inversion.clip_window(sample))
@@ -409,9 +427,11 @@ class GRPO:
         ids = [int(t) for t in tokens[:length] if int(t) not in self.end_ids]
         return self.encoder.tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _rewards(self, tasks, samples, texts, batch_size: int) -> dict[str, np.ndarray]:
-        """{reward name: [B * G] float, NaN where it does not apply (padding rows, other tasks)}."""
+    def _rewards(self, tasks, samples, texts, batch_size: int, windows=None) -> dict[str, np.ndarray]:
+        """{reward name: [B * G] float, NaN where it does not apply (padding rows, other tasks)}. `windows`: per
+        row, the ranked windows of a structural answer."""
         g = self.config.num_samples
+        structural = self.config.answer_format == "structural"
         out: dict[str, np.ndarray] = {}
         for p, (task, sample) in enumerate(zip(tasks, samples)):
             for k in range(g):
@@ -420,8 +440,10 @@ class GRPO:
                     texts[r],
                     sample,
                     task,
+                    names=rewards.STRUCTURAL_REWARDS if structural else rewards.DEFAULT_REWARDS,
                     thinking=self.config.thinking,
                     distance_weighted=self.config.iou == "distance_weighted",
+                    windows=None if windows is None else windows[r],
                 ).items():
                     out.setdefault(name, np.full((batch_size * g,), np.nan))[r] = value
         return out
@@ -459,6 +481,8 @@ def grpo_config(config) -> GRPOConfig:
         iou=g.iou,
         thinking=config.answer.thinking,
         seed=config.seed,
+        answer_format=config.answer.format,
+        assignment=inference.AssignmentConfig.from_config(config),
         streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
     )
 
@@ -488,6 +512,7 @@ class WarmStartTransform:
     inversion_fraction: float
     inversion_tasks: tuple[str, ...]
     seed: int
+    time_pointers: bool = False  # grounding examples carry L_ST targets for their start and end numbers
 
     def __call__(self, sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]:
         del epoch  # one task per sample for every epoch
@@ -504,7 +529,39 @@ class WarmStartTransform:
             # the prompt asks for); the RL stage is where the model writes its own reasoning.
             reasoning = f"The event is seen from {window[0]:.2f} to {window[1]:.2f}." if self.thinking else None
             response = timestamps.format_answer(window, thinking=reasoning)
+            if self.time_pointers:
+                example = self.encoder.example(prompt, video, response, sample.id, marks=_number_offsets(response))
+                return example | _pointer_targets(example, window) | {"id": np.asarray(sample.id)}
         else:
             prompt, response = inversion.prompt(task, sample), inversion.target(task, sample)
             video = clip(video, inversion.clip_window(sample))
-        return self.encoder.example(prompt, video, response, sample.id) | {"id": np.asarray(sample.id)}
+        example = self.encoder.example(prompt, video, response, sample.id)
+        if self.time_pointers:  # the same keys in every example of a batch: no pointer to train here
+            example |= {
+                "struct_positions": np.zeros((0,), np.int32),
+                "struct_kinds": np.zeros((0,), np.int32),
+                "struct_ranges": np.zeros((0, 2), np.int32),
+            }
+        return example | {"id": np.asarray(sample.id)}
+
+
+def _number_offsets(response: str) -> tuple[int, int]:
+    """Character offsets of the start and end numbers inside the (last) <answer> block of a target completion."""
+    answer = response.rindex("<answer>")
+    start = answer + len("<answer>")
+    end = response.index(" to ", start) + len(" to ")
+    return start, end
+
+
+def _pointer_targets(example: dict, window) -> dict[str, np.ndarray]:
+    """Time pointers, the warm start's auxiliary L_ST: the state that writes the start number is grounded to the
+    temporal grid where the window starts (kind 1, as <ent>), the one that writes the end number to the grid where
+    it ends (kind 2, as <tst>), with MeCo's contrastive loss over time. A from-scratch model learns to write
+    numbers that follow the video far sooner with this dense signal than from the answer tokens alone."""
+    times = np.asarray(example["grid_times"], np.float64)
+    first = int(np.clip(np.searchsorted(times, window[0], side="right") - 1, 0, len(times) - 1))
+    last = int(np.clip(np.searchsorted(times, window[1], side="left") - 1, first, len(times) - 1))
+    return {
+        "struct_kinds": np.asarray([1, 2], np.int32),
+        "struct_ranges": np.asarray([[first, first], [last, last]], np.int32),
+    }

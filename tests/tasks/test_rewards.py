@@ -259,3 +259,53 @@ def test_fuzz_rewards_are_total_finite_and_in_range():
     # The generator reaches both outcomes of every reward, so the ranges above were exercised.
     assert seen >= {(n, b) for n in ("iou", "format") + INVERSION_TASKS for b in (False, True)}, seen
     assert time.perf_counter() - tick < 20.0
+
+
+# --- Structural answers (answer.format = "structural") ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("a person opens the door<ent>", 1.0),
+        ("<tst>\na person opens the door<ent>\n<tst>", 1.0),  # structural_response's layout
+        ("<tst>\nthe man sits<ent>\n<tst>\nhe stands<ent>", 1.0),
+        (" <tst>\nthe man sits<ent>\n", 1.0),  # surrounding whitespace
+        ("<tst>", 0.0),  # no event
+        ("<tst>\n<tst>", 0.0),
+        ("the man sits<ent> and then", 0.0),  # text after the last token
+        ("the man sits<ent>\n\n<tst>", 0.0),  # an empty piece
+        ("<tst><ent>", 0.0),  # pieces not separated by a newline
+        ("<answer>1 to 2</answer>", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_structural_format(text, want):
+    assert rewards.structural_format_reward(text) == want
+
+
+def test_structural_iou_scores_the_top_window():
+    sample = _sample()  # truth (2, 6)
+    text = "<tst>\nwalks away<ent>\n<tst>"
+    names = rewards.STRUCTURAL_REWARDS
+    got = task_rewards(text, sample, "grounding", names=names, windows=[(3.0, 5.0), (2.0, 6.0)])
+    assert got == {"structural_iou": 0.5, "structural_format": 1.0}
+    assert task_rewards("<tst>", sample, "grounding", names=names, windows=[]) == {
+        "structural_iou": 0.0,
+        "structural_format": 0.0,
+    }
+    assert task_rewards(text, sample, "verb_completion", names=names, windows=[(2.0, 6.0)]) == {}
+    with pytest.raises(ValueError, match="windows"):
+        task_rewards(text, sample, "grounding", names=names)
+
+
+def test_fuzz_structural_format_is_total():
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(10_000):
+        pieces = [str(rng.choice(("<ent>", "<tst>", "\n", "a person", "<", "🙂", "\x00", " "))) for _ in range(rng.integers(0, 8))]
+        text = "".join(pieces) if rng.random() < 0.5 else _random_text(rng) + "".join(pieces)
+        value = rewards.structural_format_reward(text)
+        assert value in (0.0, 1.0)
+        seen.add(value)
+    assert seen == {0.0, 1.0}

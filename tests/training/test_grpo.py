@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import invert4tvg
 from jaxgrounding import data as data_lib
 from jaxgrounding import settings
 from jaxgrounding.data import padding
-from jaxgrounding.grounding_model import batch_inputs, batch_plan
+from jaxgrounding.grounding_model import batch_inputs, batch_plan, device_batch
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
@@ -230,6 +231,34 @@ def test_warm_start_then_grpo_then_evaluation(uninterrupted):
     assert rows and all("text" in r and "pred_windows" in r for r in rows)
 
 
+def test_warm_start_trains_time_pointers(uninterrupted, tmp_path):
+    """The warm start's grounding examples ground the states that write the start and end numbers to the grids
+    where the window starts and ends (an auxiliary L_ST, logged as st_loss)."""
+    import dataclasses
+
+    root, workdir, _ = uninterrupted
+    warm = [json.loads(line) for line in open(os.path.join(workdir, "warm_start", "train_metrics.jsonl"))]
+    assert warm and all(np.isfinite(m["st_loss"]) for m in warm)
+
+    config = experiment.warm_start_config(micro_config(root / "data"))
+    train, _ = experiment.load_samples(config, str(tmp_path))
+    transform = experiment.train_transform(config, os.path.join(workdir, "warm_start", "export"), train)
+    transform = dataclasses.replace(transform, inversion_fraction=0.0)  # grounding examples only
+    tokenizer = transform.encoder.tokenizer.tokenizer
+    for sample in train[:3]:
+        video = data_lib.read_video(sample.video, fps=config.data.fps, max_frames=12, size=(56, 56))
+        example = transform(sample, video, 0)
+        ids, times = example["input_ids"], example["grid_times"]
+        for position, value, (first, last) in zip(example["struct_positions"], sample.windows[0], example["struct_ranges"]):
+            written = tokenizer.decode(ids[position + 1 : position + 8])  # the token the state predicts, onwards
+            assert written.lstrip(" <answer>").startswith(f"{value:.2f}"), (written, value)
+            assert first == last and times[first] <= value + 1e-6
+        start, end = sample.windows[0]
+        first, last = example["struct_ranges"][:, 0]
+        assert first == len(times) - 1 or times[first + 1] > start
+        assert times[last] < end and (last == len(times) - 1 or times[last + 1] >= end)
+
+
 def test_killed_grpo_run_resumes_exactly(uninterrupted):
     root, workdir, _ = uninterrupted
     resumed = str(root / "resumed")
@@ -245,3 +274,106 @@ def test_killed_grpo_run_resumes_exactly(uninterrupted):
     for step in (3, 4):
         for key in ("loss", "reward", "kl", "completion_length"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+# --- Structural answers (answer.format = "structural") -----------------------------------------------------------
+
+
+def structural_config(data_root):
+    config = micro_config(data_root)
+    config.answer.format = "structural"
+    config.grpo.grounding_prob = 1.0
+    config.warm_start.steps = 2
+    config.train.steps = 1
+    config.train.checkpoint_every = 1
+    return config
+
+
+def test_sample_predictions_read_each_sample_as_predict_does(tmp_path, monkeypatch):
+    """G greedy samples of a prompt are G copies of `inference.predict`'s answer: the same structural tokens, the
+    same similarities to the prompt's frames, the same windows. An untrained model writes no structural token, so
+    both generations get <ent> / <tst> written over tokens 1 and 3 (the states that predicted them are kept)."""
+    import dataclasses
+
+    from jaxgrounding import inference, sampling
+    from jaxgrounding.tasks import templates
+
+    config = structural_config(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    train, _ = experiment.load_samples(config, workdir)
+    checkpoint = experiment.resolve_checkpoint(config, workdir, train)
+    model, tokenizer = experiment.build_model(config, checkpoint)
+    generate = sampling.generate
+
+    def with_structural_tokens(*args, **kwargs):
+        gen = generate(*args, **kwargs)
+        tokens = np.asarray(gen.tokens).copy()
+        tokens[:, 1], tokens[:, 3] = tokenizer.ent_id, tokenizer.tst_id
+        return dataclasses.replace(gen, tokens=jnp.asarray(tokens), lengths=jnp.full_like(gen.lengths, 4))
+
+    monkeypatch.setattr(sampling, "generate", with_structural_tokens)
+    encoder = ChatEncoder(checkpoint, EncoderConfig.from_config(config, train=False), video_first=True)
+    videos = [data_lib.read_video(s.video, fps=1.0, max_frames=12, size=(56, 56)) for s in train[:2]]
+    prompts = [
+        encoder.prompt(templates.instruction("grounding", s.query, None), v) | {"duration": np.float32(s.duration)}
+        for s, v in zip(train, videos)
+    ]
+    arrays = padding.pad_and_stack(prompts, 2, settings.prompt_buckets(config))
+    greedy = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0, top_p=1.0)
+    assignment = inference.AssignmentConfig.from_config(config)
+    want = inference.predict(model, arrays, tokenizer, (56, 56), greedy, assignment)
+    device = device_batch(arrays)
+    inputs = batch_inputs(device, model.llm.config, batch_plan(device, model.llm.config, (56, 56)))
+    gen = with_structural_tokens(
+        model.llm, inputs, greedy, end_ids=[tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")], num_samples=2,
+        hidden_layers=(-2,), prompt_layers=(-1,),
+    )
+    got = inference.sample_predictions(model, arrays, tokenizer, assignment, gen, 2)
+    assert len(got) == 4
+    for r, prediction in enumerate(got):
+        expected = want[r // 2]
+        assert prediction.kinds == expected.kinds == ["ent", "tst"] and prediction.windows
+        np.testing.assert_allclose(prediction.similarity, expected.similarity, atol=1e-5)
+        assert [(w.start, w.end) for w in prediction.windows] == [(w.start, w.end) for w in expected.windows]
+
+
+def test_structural_warm_start_then_grpo(tmp_path):
+    """answer.format = "structural": MeCo's SFT (LM + L_ST) as the warm start, its exported heads carried into
+    GRPO, rewards from the top window of the structural answer, MeCo's evaluation before and after."""
+    from jaxgrounding.model import safetensors_io
+
+    config = structural_config(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(config, workdir)
+    init = json.load(open(os.path.join(workdir, "eval_init", "metrics.json")))
+    for metrics in (init, result):
+        assert {"R1@0.5", "mIoU"} <= set(metrics) and "parse_failures" not in metrics
+    logged = _jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    assert [m["step"] for m in logged] == [1]
+    for m in logged:
+        assert {"reward_structural_iou", "reward_structural_format", "kl"} <= set(m) and np.isfinite(m["loss"])
+        assert "reward_iou" not in m
+    warm = [json.loads(line) for line in open(os.path.join(workdir, "warm_start", "train_metrics.jsonl"))]
+    assert all("st_loss" in m for m in warm)  # the warm start trained L_ST
+
+    # GRPO started from the warm start's heads, read back from its export.
+    export = os.path.join(workdir, "warm_start", "export")
+    model, _ = experiment.build_model(experiment.after_warm_start(config, os.path.join(workdir, "warm_start")), export)
+    stored = safetensors_io.SafetensorsFile(os.path.join(export, experiment.HEADS_FILE))
+    for key, variable in nnx.to_flat_state(nnx.state(model.heads)):
+        want = stored.get(".".join(map(str, key)))
+        np.testing.assert_array_equal(np.asarray(variable.get_value()), want.reshape(variable.get_value().shape))
+
+
+def test_structural_config_refuses_inversion_tasks():
+    from jaxgrounding.train import check_config
+
+    config = invert4tvg.get_config()
+    config.answer.format = "structural"
+    with pytest.raises(ValueError, match="grounding_prob"):
+        check_config(config)
+    config.grpo.grounding_prob = 1.0
+    check_config(config)
+    config.answer.format = "seconds"
+    with pytest.raises(ValueError, match="answer.format"):
+        check_config(config)
