@@ -83,6 +83,8 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                 if prediction.coarse is not None:
                     row["coarse_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in prediction.coarse.windows]
                     row["reloaded_segments"] = prediction.reloaded
+                    row["reload_capped"] = prediction.reload_capped
+                    row["coarse_score"] = round(prediction.coarse.score, 5)
                 rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []

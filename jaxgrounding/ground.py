@@ -111,6 +111,8 @@ def main(argv):
         coarse = {
             "windows": [{"start": round(w.start, 2), "end": round(w.end, 2)} for w in prediction.coarse.windows],
             "reloaded_segments": prediction.reloaded,
+            "reload_capped": prediction.reload_capped,
+            "score": round(prediction.coarse.score, 4),
         }
     if _JSON.value:
         out = {"query": _QUERY.value, "duration": float(video.duration), "windows": windows, "text": prediction.text}
@@ -121,7 +123,11 @@ def main(argv):
         print(f"  #{rank}: {w['start']:7.2f} s - {w['end']:7.2f} s   score {w['score']:.3f}")
     if coarse:
         spans = ", ".join(f"{w['start']:.2f}-{w['end']:.2f} s" for w in coarse["windows"][:1]) or "none"
-        print(f"  coarse stage: {spans}; fine stage reloaded segments {coarse['reloaded_segments']}")
+        note = " (capped at max_reload_segments: the most confident kept)" if coarse["reload_capped"] else ""
+        print(
+            f"  coarse stage: {spans}, confidence {coarse['score']:.3f}; "
+            f"fine stage reloaded segments {coarse['reloaded_segments']}{note}"
+        )
     print(f"generated: {prediction.text!r}")
     if _PLOT.value:
         print(f"plot: {_PLOT.value}")

@@ -56,6 +56,15 @@ class Prediction:
     frame_duration: float
     coarse: Prediction | None = None  # coarse-to-fine: the coarse stage's prediction
     reloaded: list[int] | None = None  # coarse-to-fine: the segments whose DVR the fine stage saw
+    # coarse-to-fine: the coarse interval overlapped more than max_reload_segments segments, and those with the
+    # highest coarse confidence were reloaded
+    reload_capped: bool = False
+
+    @property
+    def score(self) -> float:
+        """Confidence of the answer: its top window's score (the structural token's highest softmax-over-time
+        probability inside it), 0 without a window."""
+        return float(self.windows[0].score) if self.windows else 0.0
 
 
 @jax.jit
@@ -200,6 +209,7 @@ def predict_streaming(
     n = arrays["segment_valid"].shape[1]
     chosen = -np.ones((b, c2f.max_reload_segments), np.int64)
     allowed = np.zeros(frame_valid.shape, bool)
+    capped = np.zeros(b, bool)
     for row, prediction in zip(rows, coarse):
         if not prediction.windows:
             continue  # nothing to refine: the coarse answer stands
@@ -208,7 +218,15 @@ def predict_streaming(
             prediction.frame_times, prediction.frame_duration, streaming_config.segment_frames, n
         )
         top = prediction.windows[0]
-        segments = coarse_to_fine.segments_for_interval((top.start, top.end), spans, c2f)
+        scores = None
+        if top.token_index >= 0:  # the top token's softmax over time: where the coarse stage is most confident
+            logits = prediction.similarity[top.token_index].astype(np.float64)
+            probabilities = np.exp(logits - logits.max())
+            scores = coarse_to_fine.segment_scores(
+                probabilities / probabilities.sum(), streaming_config.segment_frames, n
+            )
+        segments = coarse_to_fine.segments_for_interval((top.start, top.end), spans, c2f, scores)
+        capped[row] = coarse_to_fine.capped((top.start, top.end), spans, c2f)
         chosen[row, : segments.size] = segments
         for k in segments:
             allowed[row, k * streaming_config.segment_frames : (k + 1) * streaming_config.segment_frames] = True
@@ -223,5 +241,6 @@ def predict_streaming(
             second = dataclasses.replace(second, windows=first.windows)
         second.coarse = first
         second.reloaded = [int(k) for k in chosen[row] if k >= 0]
+        second.reload_capped = bool(capped[row])
         predictions.append(second)
     return predictions

@@ -52,8 +52,8 @@ def test_streamed_training_evaluates_coarse_and_fine(run):
         rows = [json.loads(line) for line in f]
     assert len(rows) == result["samples"] > 0
     for row in rows:
-        assert {"coarse_windows", "reloaded_segments", "pred_windows"} <= set(row)
-        assert len(row["reloaded_segments"]) <= 2
+        assert {"coarse_windows", "reloaded_segments", "pred_windows", "reload_capped", "coarse_score"} <= set(row)
+        assert len(row["reloaded_segments"]) <= 2 and 0.0 <= row["coarse_score"] <= 1.0
     for prefix, key in (("", "pred_windows"), ("coarse_", "coarse_windows")):
         again = metrics.grounding_metrics([r[key] for r in rows], [r["gt_windows"] for r in rows], inclusive=True)
         for name, value in again.items():
@@ -75,7 +75,7 @@ def test_ground_command_streams(run, tmp_path):
     root, workdir, _ = run
     plot = tmp_path / "coarse_to_fine.png"
     answer = ground(root, workdir, "--memory", "streaming", "--plot", str(plot))
-    assert len(answer["coarse"]["reloaded_segments"]) <= 2
+    assert len(answer["coarse"]["reloaded_segments"]) <= 2 and isinstance(answer["coarse"]["reload_capped"], bool)
     assert plot.stat().st_size > 10_000
 
 
@@ -86,3 +86,23 @@ def test_two_processes_train_like_one(run):
     check_two_processes_train_like_one(
         "timescope", root, workdir, result, micro_config(root / "data"), evaluate=True, across_process_counts=False
     )
+
+
+def test_hvr_tradeoff_bench(run):
+    """bench/hvr_tradeoff.py on the micro workdir: at the trained rate it reproduces the run's own evaluation, the
+    streamed memory halves from r = 1 to r = 2 while the DVR stays, a rate the segments cannot take is reported,
+    and the plot is drawn."""
+    import importlib.util
+
+    _, workdir, result = run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_hvr_tradeoff", os.path.join(root, "bench", "hvr_tradeoff.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--workdir", workdir, "--rates", "1,2,8", "--spatial", "1"])
+    assert [r["hvr_temporal"] for r in rows] == [1, 2]  # r = 8 does not divide segment_frames = 4
+    low, trained = rows
+    for key in ("R1@0.5", "mIoU", "coarse_R1@0.5", "coarse_mIoU"):
+        assert trained[key] == pytest.approx(result[key])
+    assert low["memory_bytes"] == 2 * trained["memory_bytes"] and low["dvr_bytes"] == trained["dvr_bytes"] > 0
+    assert os.path.getsize(os.path.join(workdir, "hvr_tradeoff.png")) > 10_000

@@ -49,10 +49,21 @@ def segment_spans(grid_times: np.ndarray, grid_duration: float, segment_frames: 
     return spans
 
 
-def segments_for_interval(interval, spans: np.ndarray, config: CoarseToFineConfig) -> np.ndarray:
-    """Indices (sorted) of the segments overlapping [start - margin, end + margin]; when more
-    than `max_reload_segments` overlap, those whose centres are nearest the interval's centre.
-    Always at least one (the nearest) so the fine stage has something to look at."""
+def segments_for_interval(interval, spans: np.ndarray, config: CoarseToFineConfig, scores=None) -> np.ndarray:
+    """Indices (sorted) of the segments overlapping [start - margin, end + margin]. When more than
+    `max_reload_segments` overlap, the fine stage keeps those with the highest `scores` ([segments]: the coarse
+    stage's confidence per segment, `segment_scores`), or without scores those whose centres are nearest the
+    interval's centre (training's jittered intervals). Always at least one (the nearest) so the fine stage has
+    something to look at. `capped(...)` says whether the cap cut the interval."""
+    return _reload(interval, spans, config, scores)[0]
+
+
+def capped(interval, spans: np.ndarray, config: CoarseToFineConfig) -> bool:
+    """Whether more than `max_reload_segments` segments overlap the widened interval (some were left out)."""
+    return _reload(interval, spans, config, None)[1]
+
+
+def _reload(interval, spans, config, scores) -> tuple[np.ndarray, bool]:
     start, end = float(interval[0]) - config.margin, float(interval[1]) + config.margin
     real = np.flatnonzero(~np.isnan(spans[:, 0]))
     if real.size == 0:
@@ -62,9 +73,24 @@ def segments_for_interval(interval, spans: np.ndarray, config: CoarseToFineConfi
     distance = np.abs(spans[:, 0] + spans[:, 1] - 2 * centre)
     if overlapping.size == 0:
         overlapping = real[np.argsort(distance[real])[:1]]
-    if overlapping.size > config.max_reload_segments:
-        overlapping = overlapping[np.argsort(distance[overlapping], kind="stable")[: config.max_reload_segments]]
-    return np.sort(overlapping)
+    if overlapping.size <= config.max_reload_segments:
+        return np.sort(overlapping), False
+    if scores is None:
+        order = np.argsort(distance[overlapping], kind="stable")
+    else:  # highest score first; ties go to the segment nearest the centre
+        order = np.lexsort((distance[overlapping], -np.asarray(scores, np.float64)[overlapping]))
+    return np.sort(overlapping[order[: config.max_reload_segments]]), True
+
+
+def segment_scores(probabilities: np.ndarray, segment_frames: int, num_segments: int) -> np.ndarray:
+    """[num_segments] the highest per-frame probability inside each segment (0 past the video):
+    `probabilities` [F] is the coarse top window's token's softmax over time."""
+    scores = np.zeros(num_segments)
+    for k in range(num_segments):
+        inside = probabilities[k * segment_frames : (k + 1) * segment_frames]
+        if inside.size:
+            scores[k] = float(np.max(inside))
+    return scores
 
 
 def jitter_window(window, duration: float, rng: np.random.Generator, config: CoarseToFineConfig) -> tuple[float, float]:

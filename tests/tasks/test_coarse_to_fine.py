@@ -23,6 +23,12 @@ def test_segments_for_interval_adds_the_margin_and_keeps_the_nearest():
     # Capped at two: the two segments whose centres are nearest the interval's centre (12.5).
     capped = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=2, fine_fraction=0.5, jitter=0.5)
     np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped), [1, 2])
+    assert c2f.capped((7, 18), spans, capped) and not c2f.capped((7, 17), spans, cfg)
+    # With the coarse stage's confidence per segment, the cap keeps the most confident segments instead.
+    scores = np.array([0.9, 0.1, 0.5, 0.0, 0.0])
+    np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped, scores), [0, 2])
+    ties = np.array([0.5, 0.5, 0.5, 0.0, 0.0])  # equal scores: nearest the centre first, as without scores
+    np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped, ties), [1, 2])
     # An interval past the end still reloads the nearest segment.
     np.testing.assert_array_equal(c2f.segments_for_interval((40, 41), spans, cfg), [3])
 
@@ -73,3 +79,8 @@ def test_training_reloads_are_a_function_of_seed_epoch_and_sample():
     np.testing.assert_array_equal(draw(1, 7, "y"), draw(1, 7, "y"))
     draws = [draw(1, e, "y") for e in range(12)]
     assert len({d.tobytes() for d in draws}) > 2  # fine or coarse, and where, change with the epoch
+
+
+def test_segment_scores_take_each_segments_most_probable_frame():
+    probabilities = np.array([0.1, 0.3, 0.05, 0.05, 0.4, 0.1])
+    np.testing.assert_allclose(c2f.segment_scores(probabilities, 4, 3), [0.3, 0.4, 0.0])
