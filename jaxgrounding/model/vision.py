@@ -158,9 +158,9 @@ class VisionAttention(nnx.Module):
     def __call__(self, x, cos, sin, segments):
         qkv = self.qkv(x)  # [N, 3, H, D]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        # transformers rotates in float32 and casts back.
-        q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
-        k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
+        # Rotated in float32 and cast back (`layers.apply_rotary`), as transformers does.
+        q = layers.apply_rotary(q[None], cos[None], sin[None])[0]
+        k = layers.apply_rotary(k[None], cos[None], sin[None])[0]
         return self.proj(_segment_attention(q, k, v, *segments, self.impl))
 
 
