@@ -1,7 +1,7 @@
 """What fits on an accelerator and how fast: per-device memory of each method's train step at Qwen2.5-VL shapes.
 
-    python bench/accelerator.py --layers 2                      # 3B and 7B, meco / timescope / grpo, compile only
-    python bench/accelerator.py --models 3b --methods meco --layers 2 --accumulate 4
+    python bench/accelerator.py --no-time                       # 3B and 7B, meco / timescope / grpo, compile only
+    python bench/accelerator.py --models 3b --methods meco --accumulate 4 --no-time
     python bench/accelerator.py --quick                         # tiny shapes (CI: tests/bench)
 
 Prints JSON lines. For each model shape (`jaxgrounding.model.presets`: qwen2_5_vl_3b, qwen2_5_vl_7b) and method,
@@ -22,19 +22,31 @@ peak_bytes = argument + output + temp - alias.
   (sampling, a separate program) and, with full fine-tuning and beta > 0, the reference policy's copy of the
   weights (`reference_bytes`: one more parameter copy resident per device).
 
---layers N compiles the decoder at N and 2N layers instead of all of them (the vision tower keeps its depth): the
-decoder runs its layers in one `lax.scan`, so every memory figure is linear in depth, and the line reports
-`extrapolated` figures at the real depth (a + b * layers). The first case also compiles 3N layers and prints a
-"linearity" line: the 3N compile against the line through N and 2N. --accumulate K splits the batch into K
-micro-batches (`train.accumulate`); --no-time skips the device timing.
+The decoder runs its layers in one `lax.scan`, so compiling the full depth costs about what a few layers cost (86 s
+at 2 layers, 108 s at 4 for the 3B MeCo step here): compile the full depth. --layers N compiles N and 2N decoder
+layers instead (the vision tower keeps its depth), reports `extrapolated` figures at the real depth on the line
+through them, and checks that line once against a 3N compile (a "linearity" line). At shallow depths XLA's buffer
+assignment is not linear in depth: the 3B MeCo step peaked at 107.6 GB with 2 layers and 87.2 GB with 4 (and 120,
+121, 145 GB at 1, 2, 3 layers before the vision tower's sharding fix), so an extrapolation from a few layers is not
+a figure to trust; the linearity line says how far off it is. --accumulate K splits the batch into K micro-batches
+(`train.accumulate`); --no-time skips the device timing.
+
+The "xla" attention materialises float32 logits [B, H, T, S] of one layer at a time (the layer scan's backward
+recomputes them): at the MeCo recipe's 8144 tokens that is 17 GB per [4, 16, 8144, 8144] tensor on a device, which
+cuDNN's or splash's fused kernels never hold, so the figures are an upper bound for the fused kernels.
 
 XLA:CPU has no native bf16 dot: it upcasts bf16 operands to float32, and while-loop-invariant code motion would
 hoist the upcasts of every stacked layer's weights out of the layer scan (float32 copies no GPU compile makes), so
 the child compiles with that pass disabled (as bench/streaming.py's headline figures). The figures remain XLA:CPU's
 buffer assignment, a proxy for a GPU's.
 
-Measured here (2026-12-06, --layers 2, 8 devices; the table is in the issue note): the MeCo and TimeScope recipes
-(global batch 32 in one step) do not fit an 80 GB device without gradient accumulation; GRPO does.
+Measured here (2026-12-06, full depth, 8 devices, "xla" attention; peak GB per device): MeCo 3B 149.9, 7B 235.4;
+TimeScope 3B 2,333, 7B 3,207; GRPO 3B 19.0, 7B 34.5 (+ 1.9 / 4.2 GB of reference weights). The MeCo and TimeScope
+recipes (global batch 32 in one step) do not fit an 80 GB device: MeCo needs gradient accumulation (--accumulate),
+and TimeScope more than that. Its streamed step is a `lax.scan` over 128 segments whose backward keeps, per segment,
+every layer's saved activations (no remat around a segment) and the carried memory buffer (prefix + HVR slots of
+all 128 segments: 5.4 GB per device at 3B by its layout): both grow with the number of segments (a checkpoint around the segment
+body, tried, gives 1,103 GB at 3B; the buffer copies remain). GRPO's update fits.
 
 Where a GPU or TPU is the default backend (and without --no-time), each step is also run on the device at the
 compiled depth with zero-filled inputs: step seconds, tokens/s and MFU (the compiled step's FLOPs per device /
