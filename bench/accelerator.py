@@ -44,7 +44,8 @@ Measured here (2026-12-06, full depth, 8 devices, "xla" attention; peak GB per d
 TimeScope 3B 2,333, 7B 3,207; GRPO 3B 19.0, 7B 34.5 (+ 1.9 / 4.2 GB of reference weights). The MeCo and TimeScope
 recipes (global batch 32 in one step) do not fit an 80 GB device: MeCo needs gradient accumulation (3B with
 --accumulate 4: 43.9 GB), TimeScope more than that. With --attention blocked (query blocks, no [T, T] logits) the
-3B MeCo step is 104.8 GB instead of 149.9. Its streamed step is a `lax.scan` over 128 segments whose backward keeps, per segment,
+3B MeCo step is 104.8 GB instead of 149.9; with "splash_interpret" (the TPU kernel run by the Pallas interpreter,
+whose buffers are not the kernel's on-chip tiles) 194.8 GB, so the interpreter is no memory proxy for the kernel. Its streamed step is a `lax.scan` over 128 segments whose backward keeps, per segment,
 every layer's saved activations (no remat around a segment) and the carried memory buffer (prefix + HVR slots of
 all 128 segments: 5.4 GB per device at 3B by its layout): both grow with the number of segments (a checkpoint around the segment
 body, tried, gives 1,103 GB at 3B; the buffer copies remain). GRPO's update fits.
