@@ -1,14 +1,12 @@
 """Speed and memory of Invert4TVG's GRPO step: rollouts (G samples per prompt), rewards, the update.
 
-    python bench/grpo_step.py --shape default   # configs/invert4tvg.py's tiny model on its synthetic set
-    python bench/grpo_step.py --shape 7b        # Qwen2.5-VL-7B shapes, LoRA r=128, 8 devices, compile only
+    python bench/grpo_step.py            # configs/invert4tvg.py's tiny model on its synthetic set
 
-One JSON line per run. The default shape runs real GRPO steps (the untrained tiny model, so completions run to
-`max_new_tokens` more often than a trained one's) and reports rollout tokens/s, the seconds of the rollout, of the
-rest of the host work (rewards, advantages, old / reference log-probs) and of the optimizer update, and the
-compiled update step's per-device memory. The 7B shape compiles the update step (policy log-probs over the shared
-prompt, clipped surrogate, KL to the adapters-off reference) for 8 virtual CPU devices with the FSDP x tensor
-sharding of the logical-axis rules: nothing is allocated, so it tells what fits where without the hardware.
+One JSON line per run: real GRPO steps (the untrained tiny model, so completions run to `max_new_tokens` more
+often than a trained one's): rollout tokens/s, the seconds of the rollout, of the rest of the host work (rewards,
+advantages, old / reference log-probs) and of the optimizer update, and the compiled update step's per-device
+memory. The update step at Qwen2.5-VL-3B / 7B shapes (compile only, 8 virtual devices) is bench/accelerator.py's
+`--methods grpo`.
 """
 
 from __future__ import annotations
@@ -17,13 +15,8 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
-
-# 8 virtual devices for the sharded compile; must precede the jax import.
-if "--shape" in sys.argv and sys.argv[sys.argv.index("--shape") + 1] == "7b":
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import numpy as np

@@ -22,8 +22,10 @@ from jaxgrounding.config import apply_presets
 
 # Invert4TVG (sec. 4.1): Qwen2.5-VL, 2 fps, ~2.8M pixels per video, G = 8, beta 0.04, AdamW (0.9, 0.999,
 # 1e-8) lr 5e-5, weight decay 0, clipping 1.0, batch 4, 2 epochs; TRL 0.17's defaults ("bnpo").
+# float32 master weights, bf16 compute (as MECO_RECIPE).
 INVERT4TVG_RECIPE = {
-    "model.dtype": "bfloat16",
+    "model.dtype": "float32",
+    "model.compute_dtype": "bfloat16",
     "trainable.llm": "full",
     "trainable.vision": False,
     "optimizer.learning_rate": 5e-5,

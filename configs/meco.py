@@ -19,9 +19,12 @@ from jaxgrounding.data.synthetic_scenes import SceneConfig
 from jaxgrounding.model import presets
 
 # MeCo's stage-3 recipe (REFERENCE.md): LoRA r=128, alpha=256 on q/k/v/o, lr 2e-5 / LoRA 5e-5, frozen
-# vision tower, global batch 32, bf16 weights. The model size comes from --config.model.checkpoint.
+# vision tower, global batch 32. Weights are kept in float32 (the optimizer's master copy) and the
+# forward and backward run in bf16 (norm and softmax statistics, rotary, logits and losses stay in float32).
+# The model size comes from --config.model.checkpoint.
 MECO_RECIPE = {
-    "model.dtype": "bfloat16",
+    "model.dtype": "float32",
+    "model.compute_dtype": "bfloat16",
     "trainable.llm": "lora",
     "trainable.vision": False,
     "optimizer.learning_rate": 2e-5,
@@ -81,6 +84,9 @@ def get_config(arg=None):
     # HF_HUB_OFFLINE honoured); "" with the tiny preset builds the tiny default in the workdir.
     config.model.checkpoint = ""
     config.model.dtype = "float32"  # parameter dtype
+    # Activation and matmul dtype: "auto" (= model.dtype), "float32" or "bfloat16". Norm and softmax statistics,
+    # rotary, the LM head's logits and the losses run in float32 whatever this is.
+    config.model.compute_dtype = "auto"
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     # Attention implementation: "auto" (blocked on CPU, cuDNN on GPU, Pallas splash on TPU), or one of
     # blocked | xla | cudnn | splash (jaxgrounding/model/attention.py).

@@ -254,15 +254,15 @@ def _vocab_major_head(model):
     decoder, dtype = model.decoder, model.config.compute_dtype
     if decoder.lm_head is None:
         table = decoder.embed_tokens[...].astype(dtype)  # tied: already [V, E]
-        return lambda h: jnp.dot(table, h.T).astype(jnp.float32)
+        return lambda h: jnp.dot(table, h.T.astype(dtype), preferred_element_type=jnp.float32)
     head = decoder.lm_head
     if head.bias is not None or head.lora_a is not None:
         raise ValueError("decoding supports an LM head without bias or adapter")
     kernel = head.kernel[...].astype(dtype)  # [E, V]
     if jax.default_backend() == "cpu":
         kernel_t = kernel.T
-        return lambda h: jnp.dot(kernel_t, h.T).astype(jnp.float32)
-    return lambda h: jnp.einsum("ev,re->vr", kernel, h).astype(jnp.float32)
+        return lambda h: jnp.dot(kernel_t, h.T.astype(dtype), preferred_element_type=jnp.float32)
+    return lambda h: jnp.einsum("ev,re->vr", kernel, h.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _qkv(attn):
@@ -289,7 +289,7 @@ def _decode_step(model, decode_layers, head, tokens, positions, contexts, caches
     r = tokens.shape[0]
     x = model.decoder.embed(tokens[:, None])  # [R, 1, E]
     pos = jnp.broadcast_to(positions[None, :, None], (3, r, 1))
-    cos, sin = layers.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section, cfg.compute_dtype)
+    cos, sin = layers.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section, jnp.float32)
     states = {0: x} if 0 in captured else {}
     new_caches = []
     for i, ((layer, qkv_kernel, qkv_bias), context, (cache_k, cache_v)) in enumerate(

@@ -1,4 +1,4 @@
-"""Settings derived from several config sections at once: the data pipeline's buckets and dtypes.
+"""Settings derived from several config sections at once: the data pipeline's buckets and the model's dtypes.
 
 The config files (configs/*.py, ml_collections; configs/meco.py is the base) hold every default. A settings
 dataclass built from one section is built next to its own definition (`SamplingConfig.from_config`,
@@ -14,6 +14,19 @@ from jaxgrounding import data as data_lib
 from jaxgrounding.data import schema
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_dtypes(config) -> tuple:
+    """(parameter dtype, compute dtype) of `config.model`: `model.dtype` and `model.compute_dtype`, whose
+    "auto" is the parameter dtype. The recipes keep float32 weights and compute in bfloat16."""
+    # A workdir's config.json written before the setting existed ran its compute in the parameter dtype on CPU.
+    compute = config.model.get("compute_dtype", "auto")
+    for key, value in (("model.dtype", config.model.dtype), ("model.compute_dtype", compute)):
+        if value not in DTYPES and not (key == "model.compute_dtype" and value == "auto"):
+            allowed = sorted(DTYPES) + (["auto"] if key == "model.compute_dtype" else [])
+            raise ValueError(f"{key}={value!r}: supported are {allowed}")
+    param_dtype = DTYPES[config.model.dtype]
+    return param_dtype, param_dtype if compute == "auto" else DTYPES[compute]
 
 
 def _ladder(limit: int, start: int) -> tuple[int, ...]:

@@ -53,8 +53,10 @@ def check_config(config) -> None:
         value = config[section][name]
         if not isinstance(value, int) or value < 1:
             problems.append(f"{key}={value!r}: must be an integer >= 1")
-    if config.model.dtype not in settings.DTYPES:
-        problems.append(f"model.dtype={config.model.dtype!r}: supported are {sorted(settings.DTYPES)}")
+    try:
+        settings.model_dtypes(config)
+    except ValueError as e:
+        problems.append(str(e))
     if not 0.0 <= config.data.max_failure_fraction <= 1.0:
         problems.append(f"data.max_failure_fraction={config.data.max_failure_fraction!r}: must be in [0, 1]")
     if config.data.on_bad_line not in ("raise", "skip"):

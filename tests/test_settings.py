@@ -73,3 +73,37 @@ def test_timescope_streams_with_the_base_settings():
     assert long.streaming == base.streaming and long.coarse_to_fine == base.coarse_to_fine
     assert StreamingConfig.from_config(long).max_segments == 13  # 200 frames in segments of 16
     assert StreamingConfig.from_config(timescope.get_config("model=qwen2_5_vl_7b")).max_segments == 128
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compute_dtype_auto_is_the_parameter_dtype(name):
+    import jax.numpy as jnp
+
+    from jaxgrounding import settings
+
+    config = CONFIGS[name].get_config()
+    assert config.model.compute_dtype == "auto"
+    assert settings.model_dtypes(config) == (jnp.float32, jnp.float32)
+    with config.unlocked():
+        config.model.dtype = "bfloat16"
+    assert settings.model_dtypes(config) == (jnp.bfloat16, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_real_model_recipes_keep_float32_weights_and_compute_in_bfloat16(name):
+    import jax.numpy as jnp
+
+    from jaxgrounding import settings
+
+    config = CONFIGS[name].get_config("model=qwen2_5_vl_3b")
+    assert settings.model_dtypes(config) == (jnp.float32, jnp.bfloat16)
+
+
+def test_an_unknown_compute_dtype_is_refused_by_name():
+    from jaxgrounding.train import check_config
+
+    config = meco.get_config()
+    with config.unlocked():
+        config.model.compute_dtype = "float16"
+    with pytest.raises(ValueError, match=r"model\.compute_dtype='float16': supported are \['bfloat16', 'float32', 'auto'\]"):
+        check_config(config)

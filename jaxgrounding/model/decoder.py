@@ -220,13 +220,12 @@ class Decoder(nnx.Module):
         return parallel.constrain(table[input_ids], ("batch", None, "embed"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden (after the final norm): [..., E] -> [..., V] float32."""
+        """hidden (after the final norm): [..., E] -> [..., V] float32, the matmul accumulated in float32
+        (bf16 logits of a 152k vocabulary would round the log-softmax by ~0.1 nats)."""
         if self.lm_head is not None:
-            out = self.lm_head(hidden)
-        else:
-            table = self.embed_tokens[...].astype(self.config.compute_dtype)
-            out = jnp.einsum("...e,ve->...v", hidden, table)
-        return out.astype(jnp.float32)
+            return self.lm_head(hidden, accumulate_dtype=jnp.float32)
+        table = self.embed_tokens[...].astype(self.config.compute_dtype)
+        return jnp.einsum("...e,ve->...v", hidden.astype(table.dtype), table, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
@@ -252,7 +251,7 @@ class Decoder(nnx.Module):
         """
         cfg = self.config
         cos, sin = layers.mrope_cos_sin(
-            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
+            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, jnp.float32
         )
 
         def layer_fn(layer, h, kv, key):
@@ -284,7 +283,7 @@ class Decoder(nnx.Module):
         """
         cfg = self.config
         cos, sin = layers.mrope_cos_sin(
-            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, cfg.compute_dtype
+            positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section, jnp.float32
         )
         key_valid = jnp.concatenate([memory.valid, valid], axis=1)
 

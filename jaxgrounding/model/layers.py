@@ -69,9 +69,11 @@ class Linear(nnx.Module):
         # False runs the base weights only (`lora.adapters_disabled`: GRPO's reference policy).
         self.lora_enabled = True
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None, accumulate_dtype=None) -> jax.Array:
         """`dropout_key` (training): with an adapter whose `lora_dropout` > 0, the adapter sees
-        its input through dropout; otherwise the adapter is folded into the kernel."""
+        its input through dropout; otherwise the adapter is folded into the kernel. `accumulate_dtype`:
+        the matmul's accumulation and output dtype (float32 for the LM head's logits; default the
+        compute dtype)."""
         kernel = self.kernel[...].astype(self.compute_dtype)
         # A 2D [tokens, in] x [in, out] dot: XLA:CPU picks far better layouts for it than for a
         # batched one (MLP forward + backward 1.5x faster at [2, 1024, 512] x [512, 1536]).
@@ -81,12 +83,14 @@ class Linear(nnx.Module):
             a, b = self.lora_a[...].astype(self.compute_dtype), self.lora_b[...].astype(self.compute_dtype)
             if dropped is None:
                 kernel = kernel + self.lora_scale * jnp.einsum("ir,r...->i...", a, b)
-        y = jnp.dot(flat, kernel.reshape(kernel.shape[0], -1))
+        y = jnp.dot(flat, kernel.reshape(kernel.shape[0], -1), preferred_element_type=accumulate_dtype)
         if dropped is not None:
-            y = y + self.lora_scale * jnp.dot(jnp.dot(dropped, a), b.reshape(b.shape[0], -1))
+            y = y + self.lora_scale * jnp.dot(
+                jnp.dot(dropped, a), b.reshape(b.shape[0], -1), preferred_element_type=accumulate_dtype
+            )
         y = y.reshape(*x.shape[:-1], *kernel.shape[1:])
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.compute_dtype)
+            y = y + self.bias[...].astype(y.dtype)
         return y
 
 
@@ -236,10 +240,12 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [..., T, heads, D]; cos, sin: [..., T, D] (broadcast over heads)."""
-    cos = cos[..., None, :]
-    sin = sin[..., None, :]
-    return x * cos + rotate_half(x) * sin
+    """x: [..., T, heads, D]; cos, sin: [..., T, D] (broadcast over heads). The rotation runs in float32
+    (a bf16 angle loses positions beyond a few hundred) and returns x's dtype."""
+    cos = cos[..., None, :].astype(jnp.float32)
+    sin = sin[..., None, :].astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
 def inverse_frequencies(dim: int, theta: float) -> jax.Array:

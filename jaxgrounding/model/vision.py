@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrounding import parallel
 from jaxgrounding.model import attention, layers
 from jaxgrounding.model.config import VisionConfig
 
@@ -126,10 +127,13 @@ def vision_plan(grid_thw: np.ndarray, config: VisionConfig) -> VisionPlan:
 def _segment_attention(q, k, v, index, valid, inverse, impl: str):
     """Attention within segments. q, k, v: [N, H, D] -> [N, H, D]."""
     zero = jnp.zeros((1, *q.shape[1:]), q.dtype)
-    gather = lambda x: jnp.concatenate([x, zero], 0)[index]  # [S, L, H, D]
+
+    def gather(x):  # [S, L, H, D], the segments split over the batch axes like the patches
+        return parallel.constrain(jnp.concatenate([x, zero], 0)[index], ("batch", None, "vision_heads", None))
+
     out = attention.full_attention(gather(q), gather(k), gather(v), valid, impl=impl)
     out = out.reshape(-1, *q.shape[1:])
-    return out[inverse]
+    return parallel.constrain(out[inverse], ("batch", "vision_heads", None))
 
 
 class VisionAttention(nnx.Module):
@@ -158,9 +162,9 @@ class VisionAttention(nnx.Module):
     def __call__(self, x, cos, sin, segments):
         qkv = self.qkv(x)  # [N, 3, H, D]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        # transformers rotates in float32 and casts back.
-        q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
-        k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(x.dtype)
+        # Rotated in float32 and cast back (`layers.apply_rotary`), as transformers does.
+        q = layers.apply_rotary(q[None], cos[None], sin[None])[0]
+        k = layers.apply_rotary(k[None], cos[None], sin[None])[0]
         return self.proj(_segment_attention(q, k, v, *segments, self.impl))
 
 
@@ -236,7 +240,9 @@ class VisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array, plan: dict) -> jax.Array:
         """pixel_values: [N, patch_dim]; plan: `VisionPlan.as_arrays()` (host or device arrays)."""
         cfg = self.config
-        x = self.patch_embed(pixel_values.astype(self.compute_dtype))
+        # The patches of a batch, flattened [N, ...], stay split over the batch axes of the mesh: without the
+        # constraint XLA runs the whole batch's tower on every device (bench/accelerator.py).
+        x = parallel.constrain(self.patch_embed(pixel_values.astype(self.compute_dtype)), ("batch", None))
         cos, sin = layers.vision_cos_sin(plan["positions"], cfg.head_dim, cfg.rope_theta)
         frames = (plan["frame_index"], plan["frame_valid"], plan["frame_inverse"])
         windows = (plan["window_index"], plan["window_valid"], plan["window_inverse"]) if cfg.window_size else None
@@ -253,7 +259,7 @@ class VisionTower(nnx.Module):
             if windows is None:
                 return block(h, cos, sin, frames), None
             h = jax.lax.cond(is_full, lambda h: block(h, cos, sin, frames), lambda h: block(h, cos, sin, windows), h)
-            return h, None
+            return parallel.constrain(h, ("batch", None)), None
 
         x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(full)))
         return self.merger(x)

@@ -218,9 +218,11 @@ def build_trainer(config, model: GroundingModel, tokenizer, checkpoint: str, sam
 def build_model(config, checkpoint: str, mesh=None):
     """(GroundingModel, tokenizer): the checkpoint plus <ent>/<tst> rows, heads and LoRA."""
     tokenizer = load_tokenizer(checkpoint)
+    param_dtype, compute_dtype = settings.model_dtypes(config)
     llm = jm.from_pretrained(
         checkpoint,
-        dtype=settings.DTYPES[config.model.dtype],
+        dtype=param_dtype,
+        compute_dtype=compute_dtype,
         mesh=mesh,
         remat_policy=config.model.remat_policy,
         attention=config.model.attention,
