@@ -58,9 +58,9 @@ def test_micro_training_on_a_gs_workdir_writes_the_bucket_and_resumes(bucket, tm
 
     monkeypatch.chdir(tmp_path)  # a workdir mistaken for a local path would appear here as gs:/...
     config = micro_config(tmp_path / "data")
+    config.data.synthetic_train_videos, config.data.synthetic_eval_videos = 4, 2
     config.train.steps = 2
     config.train.checkpoint_every = 1
-    config.eval.max_samples = 2
     workdir = "gs://bucket/run"
     assert train_and_evaluate(config, workdir, stop_after=1) == {}  # "killed" after step 1
     result = train_and_evaluate(config, workdir)  # resumes from step 1
