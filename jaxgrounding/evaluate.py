@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxgrounding import evaluation, parallel
+from jaxgrounding import evaluation, parallel, paths
 from jaxgrounding.training import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:presets]).", lock_config=True)
@@ -34,7 +33,7 @@ def main(argv):
     with jax.set_mesh(mesh):
         model, tokenizer, checkpoint_dir, step = experiment.restore_model(config, workdir)
         result = evaluation.evaluate(
-            model, tokenizer, eval_samples, checkpoint_dir, config, os.path.join(workdir, "eval")
+            model, tokenizer, eval_samples, checkpoint_dir, config, paths.join(workdir, "eval")
         )
     print(json.dumps({"step": step, "eval": result}), flush=True)
 

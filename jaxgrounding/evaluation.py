@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
 import tqdm
 
 from jaxgrounding import data as data_lib
-from jaxgrounding import inference, metrics, settings
+from jaxgrounding import inference, metrics, paths, settings
 from jaxgrounding.grounding_model import GroundingModel
 from jaxgrounding.inference import AssignmentConfig
 from jaxgrounding.memory.layout import StreamingConfig
@@ -88,7 +87,7 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                 rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     if count > 1:
         rows, skipped = _gather_shares(rows, skipped, samples, out_dir)
     result = metrics.grounding_metrics(
@@ -142,7 +141,7 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
                         row[task] = {"text": text, "correct": bool(value > 0)}
                 bar.update(int(batch["valid"].sum()))
     rows = [rows[s.id] for s in share]
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     if count > 1:
         rows, _ = _gather_shares(rows, [], samples, out_dir)
     preds, gts = [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows]
@@ -189,11 +188,8 @@ class _AnswerPrompt:
 
 def _write_results(out_dir: str, rows: list, result: dict) -> None:
     """The evaluation files: one prediction row per sample (predictions.jsonl) and the metrics (metrics.json)."""
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(paths.join(out_dir, "predictions.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    paths.write_text(paths.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
 
 
 def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[list, list]:
@@ -201,16 +197,12 @@ def _gather_shares(rows: list, skipped: list, samples, out_dir: str) -> tuple[li
     from jax.experimental import multihost_utils
 
     index, count = jax.process_index(), jax.process_count()
-    part = os.path.join(out_dir, f"predictions.part-{{}}-of-{count}.json")
-    with open(part.format(index), "w") as f:
-        json.dump({"rows": rows, "skipped": skipped}, f)
+    part = paths.join(out_dir, f"predictions.part-{{}}-of-{count}.json")
+    paths.write_text(part.format(index), json.dumps({"rows": rows, "skipped": skipped}))
     multihost_utils.sync_global_devices("jaxgrounding: evaluation shares written")
-    shares = []
-    for p in range(count):
-        with open(part.format(p)) as f:
-            shares.append(json.load(f))
+    shares = [json.loads(paths.read_text(part.format(p))) for p in range(count)]
     multihost_utils.sync_global_devices("jaxgrounding: evaluation shares read")
-    os.remove(part.format(index))
+    paths.remove(part.format(index))
     order = {s.id: i for i, s in enumerate(samples)}
     rows = sorted((r for share in shares for r in share["rows"]), key=lambda r: order[r["id"]])
     return rows, [s for share in shares for s in share["skipped"]]

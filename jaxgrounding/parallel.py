@@ -7,6 +7,7 @@ optimizer state sharded), `tensor` (heads / MLP / vocabulary split, Megatron sty
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import zlib
@@ -115,6 +116,35 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
+# How long a process waits in `host_allgather` for the others (a process that never arrives is dead or stuck; the
+# scheduler's timeout ends the job first). The key-value store takes milliseconds as a 32-bit int.
+_GATHER_TIMEOUT_MS = 2**31 - 1
+_gathers = itertools.count()
+
+
+def host_allgather(row: np.ndarray) -> np.ndarray:
+    """[processes, *row.shape]: every process's `row` (same shape and dtype everywhere), exchanged host to host
+    through the coordination service's key-value store (`jax.distributed`), not as a device collective: a device
+    all-gather would queue behind the running train step and make the host wait for it every step. A collective
+    all the same: every process calls it, in the same order. One process: its own row."""
+    row = np.ascontiguousarray(row)
+    if jax.process_count() == 1:
+        return row[None]
+    from jax._src import distributed  # the client multihost_utils itself uses; jax exposes no public handle
+
+    client = distributed.global_state.client
+    n, index = next(_gathers), jax.process_index()
+    client.key_value_set_bytes(f"jaxgrounding/gather/{n}/{index}", row.tobytes())
+    rows = [
+        np.frombuffer(client.blocking_key_value_get_bytes(f"jaxgrounding/gather/{n}/{p}", _GATHER_TIMEOUT_MS), row.dtype)
+        for p in range(jax.process_count())
+    ]
+    if n:
+        # Every process has written gather n, so every one has read gather n - 1: its keys can go.
+        client.key_value_delete(f"jaxgrounding/gather/{n - 1}/{index}")
+    return np.stack([r.reshape(row.shape) for r in rows])
+
+
 def agree_shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Zero-pads every process's arrays to the largest shape any process has, axis by axis.
 
@@ -130,11 +160,11 @@ def agree_shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = sorted(arrays)
     signature = ";".join(f"{k}:{arrays[k].ndim}:{arrays[k].dtype}" for k in names)
     header = np.asarray([len(names), zlib.crc32(signature.encode())], np.int64)
-    headers = multihost_utils.process_allgather(header)
+    headers = host_allgather(header)
     if not np.all(headers == headers[0]):
         raise ValueError(f"processes hold different batch keys, ranks or dtypes; this process has {signature}")
     dims = np.concatenate([np.asarray(arrays[k].shape, np.int64) for k in names])
-    largest = np.max(multihost_utils.process_allgather(dims), axis=0)
+    largest = np.max(host_allgather(dims), axis=0)
     offset = 0
     for k in names:
         x = arrays[k]
@@ -162,7 +192,7 @@ def process_messages(message: str, counts: Sequence[int] = ()) -> tuple[list[str
     row[0] = len(text)
     row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
     row[_MESSAGE_BYTES + 1 :] = counts
-    rows = multihost_utils.process_allgather(row)
+    rows = host_allgather(row)
     messages = [bytes(r[1 : 1 + r[0]].astype(np.uint8)).decode(errors="replace") for r in rows]
     return messages, rows[:, _MESSAGE_BYTES + 1 :].sum(axis=0)
 

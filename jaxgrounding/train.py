@@ -5,8 +5,10 @@
 The workdir gets: run.lock while a run holds it (a second launch refuses), config.json (the resolved
 config, written once the run has started), checkpoints/ (Orbax; a run started on a workdir with
 checkpoints resumes from the newest good one, with the same model and data config), tb/
-(TensorBoard events), train_metrics.jsonl (one line per logged step; a resume replaces the rows of
-the steps it replays), eval/metrics.json and eval/predictions.jsonl.
+(TensorBoard events), train_metrics.jsonl (one line per logged step, one step behind the running step; a
+resume replaces the rows of the steps it replays), eval/metrics.json and eval/predictions.jsonl, export/.
+The workdir may be an object-store URL (gs://bucket/run, with the `cloud` extra): every file goes through
+`jaxgrounding.paths`, and what must be local (the tiny model, the synthetic videos) is kept in a local cache.
 A GRPO config with `warm_start.steps` first trains its supervised warm start in workdir/warm_start
 (evaluated into workdir/eval_init), then starts GRPO from that model.
 """
@@ -14,9 +16,9 @@ A GRPO config with `warm_start.steps` first trains its supervised warm start in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-import os
 import re
 import time
 
@@ -26,12 +28,12 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 
 from jaxgrounding import data as data_lib
-from jaxgrounding import evaluation, parallel, settings
+from jaxgrounding import evaluation, parallel, paths, settings
 from jaxgrounding.training import experiment
 from jaxgrounding.training import checkpoint as checkpoint_lib
+from jaxgrounding.training import trainer as trainer_lib
 from jaxgrounding.training import workdir as workdir_lib
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 
@@ -87,7 +89,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     without evaluation, as a kill would (used to test resumption); it saves only on schedule."""
     check_config(config)
     experiment.checkpoint_name(config)  # a real model preset without a checkpoint stops here
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     # One process takes the workdir for the whole run (the warm start's workdir is inside it).
     with workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, stop_after)
@@ -95,19 +97,19 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
 
 def _train_and_evaluate(config, workdir: str, stop_after: int | None) -> dict:
     if "warm_start" in config and config.warm_start.steps:
-        warm_workdir = os.path.join(workdir, "warm_start")
-        if not os.path.isfile(os.path.join(warm_workdir, "eval_done")):
+        warm_workdir = paths.join(workdir, "warm_start")
+        if not paths.isfile(paths.join(warm_workdir, "eval_done")):
             log.info("warm start: %d supervised steps in the answer format", config.warm_start.steps)
-            _run(experiment.warm_start_config(config), warm_workdir, os.path.join(workdir, "eval_init"), None)
+            _run(experiment.warm_start_config(config), warm_workdir, paths.join(workdir, "eval_init"), None)
             if jax.process_index() == 0:
-                open(os.path.join(warm_workdir, "eval_done"), "w").close()
+                paths.write_text(paths.join(warm_workdir, "eval_done"), "")
         config = experiment.after_warm_start(config, warm_workdir)
-    return _run(config, workdir, os.path.join(workdir, "eval"), stop_after)
+    return _run(config, workdir, paths.join(workdir, "eval"), stop_after)
 
 
 def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     primary = jax.process_index() == 0  # the one process that writes the workdir's files
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     # Before anything is built from the config (a tiny model already in the workdir would be reused).
     workdir_lib.check_resume_config(config, workdir)
 
@@ -138,7 +140,7 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
 
     # --- Checkpoint: resume from the latest if there is one ---------------------------------------
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        workdir_lib.checkpoints(workdir),
         save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints,
     )
@@ -152,58 +154,79 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
         log.info("resumed from step %d", start)
 
     # --- Loop --------------------------------------------------------------------------------------
-    writer, metrics_file = None, None
+    writer, metrics_log = None, None
     if primary:
         # The run has started: its config is the workdir's now.
         workdir_lib.write_config(config, workdir)
-        metrics_path = os.path.join(workdir, "train_metrics.jsonl")
-        workdir_lib.truncate_metrics(metrics_path, start)
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
-        metrics_file = open(metrics_path, "a")
+        metrics_log = workdir_lib.MetricsLog(paths.join(workdir, "train_metrics.jsonl"), start)
+        writer = workdir_lib.TensorBoard(workdir)
     bar = tqdm.tqdm(total=config.train.steps, initial=start, desc="train", unit="step", disable=not primary)
     step, tick = start, time.perf_counter()
+    # The step's dropout key: the run's key and the step, so a resumed run draws the same; derived on the host's CPU
+    # backend, so the derivation never waits for the accelerator.
+    run_key = trainer_lib.host_key(state.rng)
+    # Metrics are logged one step behind (as MaxText does): step k's are fetched once step k+1 is dispatched, so the
+    # host never makes the device wait for a loss. A checkpoint is saved only once its step's metrics are checked
+    # (the save waits for the step's arrays anyway), so no checkpoint holds a step with a non-finite loss.
+    pending = None
+
+    def report(done: _Done) -> None:
+        metrics = done.metrics.get() | done.data_counts
+        # A step without a loss was skipped (nothing in its batch could be used); the objective logged why.
+        if "loss" in metrics and not np.isfinite(metrics["loss"]):
+            # Nothing is saved: the last checkpoint is the last good state.
+            raise FloatingPointError(
+                f"step {done.step}: loss is {metrics['loss']} on samples {done.ids}; stopping (found while step "
+                f"{step} ran; no checkpoint after step {done.step - 1} is written)"
+            )
+        bar.update(done.step - bar.n)
+        # Whatever the objective reports as a loss (SFT: loss, lm_loss, st_loss, ...).
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in _SHOWN or k.endswith("_loss")})
+        s = done.step
+        if s % config.train.log_every == 0 or s == config.train.steps or s == start + 1:
+            seconds = time.perf_counter() - tick
+            metrics |= {"step": s, "steps_per_s": (s - start) / max(seconds, 1e-9)}
+            log.info("step %d: %s", s, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+            if primary:
+                metrics_log.append(metrics)
+                for k, v in metrics.items():
+                    writer.add_scalar(_tensorboard_name(f"train/{k}"), v, s)
+
     try:
         while step < config.train.steps:
             batch, data_counts = _next_batch(batches)
-            # The step's dropout key: the run's key and the step, so a resumed run draws the same.
-            key = jax.random.fold_in(jax.device_get(state.rng), step)
+            key = jax.random.fold_in(run_key, step)
             with jax.set_mesh(mesh):
                 # Samples the objective cannot use (GRPO's prompts) are counted with the pipeline's failures.
-                metrics = trainer.step(batch, rng=key, step=step, skip=batches.skip) | data_counts
+                dispatched = trainer.dispatch(batch, rng=key, step=step, skip=batches.skip)
             step += 1
-            # A step without a loss was skipped (nothing in its batch could be used); the objective logged why.
-            if "loss" in metrics and not np.isfinite(metrics["loss"]):
-                ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]
-                # Nothing is saved: the last checkpoint is the last good state.
-                raise FloatingPointError(f"step {step}: loss is {metrics['loss']} on samples {ids}; stopping")
-            bar.update(1)
-            # Whatever the objective reports as a loss (SFT: loss, lm_loss, st_loss, ...).
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in _SHOWN or k.endswith("_loss")})
-            if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
-                seconds = time.perf_counter() - tick
-                metrics |= {"step": step, "steps_per_s": (step - start) / max(seconds, 1e-9)}
-                log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-                if primary:
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
-                    for k, v in metrics.items():
-                        writer.add_scalar(_tensorboard_name(f"train/{k}"), v, step)
+            ids = [str(i) for i, v in zip(batch["id"], batch["valid"]) if v]
+            if pending is not None:
+                report(pending)  # the previous step's, while this one runs
+            pending = _Done(step, dispatched, data_counts, ids)
+            preempted = checkpointer.reached_preemption(step)
+            stop = preempted or (stop_after is not None and step >= stop_after)
+            if preempted or step == config.train.steps or checkpointer.save_due(step) or stop:
+                report(pending)
+                pending = None
             state = TrainState(params=trainer.trainable, opt_state=trainer.opt_state, step=step, rng=state.rng)
-            preempted = checkpointer.preemption_requested
-            checkpointer.maybe_save(step, state, batches, force=preempted or step == config.train.steps)
+            if checkpointer.maybe_save(step, state, batches, force=preempted or step == config.train.steps) and primary:
+                metrics_log.flush()  # the rows up to a checkpoint are never lost
+                writer.flush()
             if preempted:
                 log.warning("SIGTERM: saved step %d, exiting", step)
-                break
-            if stop_after is not None and step >= stop_after:
+            if stop:
                 break
     finally:
         # A save in flight completes (it holds a good state) before the run ends, error or not.
         bar.close()
         checkpointer.wait()
         checkpointer.close()
-        if metrics_file:
-            metrics_file.close()
+        if metrics_log is not None:
+            metrics_log.close()
     if step < config.train.steps or stop_after is not None:
+        if writer:
+            writer.close()
         return {}
 
     # --- Export, evaluation ------------------------------------------------------------------------
@@ -213,7 +236,7 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
         graphdef, params = nnx.split(model)
         model = nnx.merge(graphdef, parallel.process_local(params))
     if config.train.export and primary:
-        experiment.export_hf(model, tokenizer, os.path.join(workdir, "export"))
+        experiment.export_hf(model, tokenizer, paths.join(workdir, "export"))
     # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
     stopped = (
         f"SIGTERM during evaluation: training is complete and checkpointed at step {step}; exiting without "
@@ -229,6 +252,16 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
     log.info("eval: %s", json.dumps(result))
     print(json.dumps({"eval": result}), flush=True)
     return result
+
+
+@dataclasses.dataclass
+class _Done:
+    """A dispatched step whose metrics are not yet read: its number, metrics, data counts and sample ids."""
+
+    step: int
+    metrics: trainer_lib.PendingMetrics
+    data_counts: dict
+    ids: list[str]
 
 
 def _next_batch(batches) -> tuple[dict, dict]:

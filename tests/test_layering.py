@@ -1,5 +1,5 @@
 """The package's layers point one way: commands -> training -> (objectives, tasks, evaluation, inference, ...)
--> (model, memory, sampling) -> kernels; data, parallel and metrics stand alone. Read from the source's imports
+-> (model, memory, sampling) -> kernels; data, parallel, paths and metrics stand alone. Read from the source's imports
 (function-level ones included), so a lazy import cannot hide a cycle."""
 
 import ast
@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(jaxgrounding.__file__).parent
 COMMANDS = {"train", "evaluate", "ground"}
 # unit -> layer; a unit may import units of its own layer or lower ones. Unlisted units must be added here.
 LAYERS = {
-    "data": 0, "parallel": 0, "metrics": 0, "config": 0, "kernels": 0,
+    "data": 0, "parallel": 0, "metrics": 0, "config": 0, "kernels": 0, "paths": 0,
     "model": 1, "memory": 2, "sampling": 2,
     "objectives": 3, "tasks": 3, "grounding_model": 4, "inference": 5, "settings": 6, "evaluation": 7,
     "training": 8,

@@ -36,8 +36,9 @@ step is tried, down to the oldest; only when none is good does restore fail, lis
 each. A bad step is left on disk (a transient read error must not destroy a good checkpoint) and
 replaced when the resumed run saves that step again.
 
-Preemption: ``install_sigterm_handler`` turns SIGTERM into a flag the loop polls
-(``preemption_requested``); the loop then calls ``maybe_save(..., force=True)`` and exits.
+Preemption: the loop asks ``reached_preemption(step)`` at every step (one process: a flag SIGTERM
+sets, ``install_sigterm_handler``; several: JAX's preemption sync manager, Orbax's mechanism, with no
+per-step collective) and, when true, calls ``maybe_save(..., force=True)`` and exits.
 """
 
 import contextlib
@@ -111,7 +112,7 @@ class Checkpointer:
           state, extra = ckpt.restore(jax.eval_shape(init_state), data_iterator)
       for step in range(int(state.step) + 1, num_steps + 1):
           state = train_step(state, next(data_iterator))
-          stop = ckpt.preemption_requested  # Read once: a collective on several processes.
+          stop = ckpt.reached_preemption(step)  # Every step, every process.
           ckpt.maybe_save(step, state, data_iterator, force=stop)
           if stop:
               break
@@ -156,6 +157,10 @@ class Checkpointer:
         """Steps of the complete checkpoints kept, oldest first."""
         return sorted(self._manager.all_steps())
 
+    def save_due(self, step: int) -> bool:
+        """Whether ``maybe_save`` saves at ``step`` on its schedule."""
+        return step % self.save_every == 0
+
     def maybe_save(
         self,
         step: int,
@@ -170,7 +175,7 @@ class Checkpointer:
         extra: small JSON-able info kept with the step (config hash, last losses); numpy and
           jax scalars are converted.
         """
-        if not (force or step % self.save_every == 0):
+        if not (force or self.save_due(step)):
             return False
         if step in self._manager.all_steps():
             if step not in self._bad_steps:
@@ -309,43 +314,52 @@ class Checkpointer:
         self.close()
 
     def install_sigterm_handler(self, grace_s: float | None = None) -> None:
-        """SIGTERM then sets ``preemption_requested`` instead of killing the process.
+        """SIGTERM then makes ``reached_preemption`` true instead of killing the process.
 
         The loop saves with ``force=True`` and returns normally, so pending async writes are
         finished by ``close``. Must be called from the main thread (Python's signal rule).
 
-        grace_s: a loop that has not read ``preemption_requested`` this long after SIGTERM is stuck
-          (a read that never returns, a hung collective, a source that only fails): the process
-          then exits with status 143 and says so, keeping the newest committed checkpoint. None
-          waits for the loop however long it takes.
+        grace_s: a loop that has not reached ``reached_preemption`` this long after SIGTERM is stuck
+          (a read that never returns, a source that only fails): the process then exits with status
+          143 and says so, keeping the newest committed checkpoint. None waits for the loop however
+          long it takes.
+
+        With several processes JAX's preemption notifier owns SIGTERM (``jax.distributed.initialize``
+        installs it; a Python handler would take the signal from it): nothing is installed, and a stuck
+        process waits for the scheduler's SIGKILL.
         """
-        if not self._sigterm_installed:
-            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._sigterm_installed = True
-            if grace_s is not None:
-                self._watch = _SigtermWatch(
-                    grace_s,
-                    f"SIGTERM: the run did not reach a step boundary within {grace_s:g} s (stuck reading data, or "
-                    f"waiting for another process); exiting without saving: the newest committed checkpoint in "
-                    f"{self.directory} is kept",
-                )
+        if jax.process_count() > 1 or self._sigterm_installed:
+            return
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+        if grace_s is not None:
+            self._watch = _SigtermWatch(
+                grace_s,
+                f"SIGTERM: the run did not reach a step boundary within {grace_s:g} s (stuck reading data, or "
+                f"waiting for another process); exiting without saving: the newest committed checkpoint in "
+                f"{self.directory} is kept",
+            )
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
         self._preemption = True
         _log.warning("SIGTERM received: the run will save a checkpoint and stop")
 
-    @property
-    def preemption_requested(self) -> bool:
-        """True once SIGTERM arrived (on any process).
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step where every process saves and stops after a preemption notice (SIGTERM).
 
-        With several processes this is a collective (a tiny allgather of the flags): the
-        processes may be signalled at different steps, yet all must force the same save or the
-        save's barriers hang. Read it at the same steps on every process.
+        One process: as soon as SIGTERM arrived. Several processes: Orbax's mechanism, JAX's preemption sync
+        manager (``multihost_utils.reached_preemption_sync_point``, through ``CheckpointManager.reached_preemption``):
+        a notice to any process is spread in the background by the coordination service, which picks the first
+        step every process can still reach; there each call returns True, on every process at the same step, so
+        all force the same save. No collective runs per step. Call it at every step, on every process, with
+        steps starting equal. (Without the preemption service, ``jax_enable_preemption_service=False``, several
+        processes are never told.)
         """
-        requested = self._preemption or (self._watch is not None and self._watch.signalled)
         if jax.process_count() > 1:
-            requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+            requested = self._manager.reached_preemption(step)
+        else:
+            requested = self._preemption or (self._watch is not None and self._watch.signalled)
         if requested and self._watch is not None:
             self._watch.acknowledge()  # The loop is at a step boundary: it saves and stops on its own.
         return requested

@@ -19,7 +19,7 @@ from flax import nnx
 
 import jaxgrounding.model as jm
 from jaxgrounding import data as data_lib
-from jaxgrounding import settings
+from jaxgrounding import paths, settings
 from jaxgrounding.data.synthetic_scenes import SceneConfig
 from jaxgrounding.grounding_model import GroundingModel
 from jaxgrounding.memory.layout import StreamingConfig
@@ -33,6 +33,7 @@ from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig, StructuralEn
 from jaxgrounding.tasks.streamed import StreamedEncoder
 from jaxgrounding.training.checkpoint import Checkpointer, TrainState
 from jaxgrounding.training import grpo, sft  # noqa: F401  (register the methods' objectives)
+from jaxgrounding.training import workdir as workdir_lib
 from jaxgrounding.training.trainer import Trainer, TrainerConfig, make_objective
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,14 @@ def first_process_first(fn):
 
 def synthetic_root(config, workdir: str, synthetic: data_lib.SyntheticConfig) -> str:
     """`data.root`, or by default workdir/../data/<name>-<hash of the set's config>: runs of different sets
-    (scene families, sizes, seeds) sharing a parent never regenerate each other's videos under a live run."""
+    (scene families, sizes, seeds) sharing a parent never regenerate each other's videos under a live run. The
+    decoders read local files: for a remote workdir the default is in the local cache (`paths.cache_root()`)."""
     if config.data.root:
         return config.data.root
     name = config.data.synthetic_name
     digest = hashlib.sha256(json.dumps(synthetic.to_json(), sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", f"{name}-{digest}")
+    parent = os.path.dirname(os.path.abspath(workdir)) if paths.is_local(workdir) else paths.cache_root()
+    return os.path.join(parent, "data", f"{name}-{digest}")
 
 
 def load_samples(config, workdir: str) -> tuple[list, list]:
@@ -139,17 +142,30 @@ def checkpoint_name(config) -> str:
     return config.model.checkpoint
 
 
+def local_checkpoint(name: str) -> str:
+    """The local directory of checkpoint `name`: a directory, a hub id (through the hub cache), or an object-store
+    URL (a warm start's export in a gs:// workdir), copied into the local cache once."""
+    if paths.is_local(name):
+        return hub.resolve(name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return paths.download(name, os.path.join(paths.cache_root(), "checkpoints", digest))
+
+
 def resolve_checkpoint(config, workdir: str, train_samples) -> str:
     """The HF checkpoint directory (a hub id resolved through the hub cache); builds the tiny default into
-    the workdir when none is given."""
+    workdir/tiny_model when none is given (a remote workdir: built in the local cache and uploaded there)."""
     if checkpoint_name(config):
-        return hub.resolve(config.model.checkpoint)
+        return local_checkpoint(config.model.checkpoint)
     sizes = dict(config.model.tiny)
-    return build_tiny_checkpoint(
-        os.path.join(workdir, "tiny_model"),
+    local = build_tiny_checkpoint(
+        paths.local_cache(workdir, "tiny_model"),
         text_corpus(train_samples, frame_time_text=config.encoder.frame_time_text),
-        seed=config.seed, **sizes
+        seed=config.seed,
+        **sizes,
     )
+    if not paths.is_local(workdir) and jax.process_index() == 0:
+        paths.upload(local, paths.join(workdir, "tiny_model"))  # for evaluate / ground on another machine
+    return local
 
 
 def train_transform(config, checkpoint: str, train_samples):
@@ -199,7 +215,7 @@ def after_warm_start(config, warm_workdir: str):
     """`config` starting from the warm start's exported model."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.model.checkpoint = os.path.join(warm_workdir, "export")
+        config.model.checkpoint = paths.join(warm_workdir, "export")
     return config
 
 
@@ -272,13 +288,18 @@ def load_heads(model: GroundingModel, path: str) -> None:
 def restore_model(config, workdir: str):
     """(model, tokenizer, checkpoint dir, step) of the latest checkpoint in `workdir`."""
     name = checkpoint_name(config)
-    checkpoint_dir = hub.resolve(name) if name else os.path.join(workdir, "tiny_model")
+    if name:
+        checkpoint_dir = local_checkpoint(name)
+    else:
+        checkpoint_dir = paths.local_cache(workdir, "tiny_model")
+        if paths.isdir(paths.join(workdir, "tiny_model")):
+            paths.download(paths.join(workdir, "tiny_model"), checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir}: base checkpoint not found (was {workdir} trained?)")
     model, tokenizer = build_model(config, checkpoint_dir)
     # The trainer gives the exact structure the checkpoint was written with.
     trainer = build_trainer(config, model, tokenizer, checkpoint_dir)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
+    checkpointer = Checkpointer(workdir_lib.checkpoints(workdir), save_every=1)
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to evaluate")
@@ -294,11 +315,10 @@ def load_workdir_config(workdir: str):
     """The config a workdir was trained with (written by train.py)."""
     import ml_collections
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{path}: not a jaxgrounding workdir (no config.json)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
@@ -312,7 +332,9 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
 
     llm = copy.deepcopy(model.llm)
     merge_lora(llm)
-    jm.save_pretrained(llm, path)
-    tokenizer.tokenizer.save_pretrained(path)
     heads = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model.heads))}
-    safetensors_io.write(os.path.join(path, HEADS_FILE), heads)
+    # Written locally, then uploaded whole where `path` is remote (the writers need local files).
+    with paths.Staged(path) as local:
+        jm.save_pretrained(llm, local)
+        tokenizer.tokenizer.save_pretrained(local)
+        safetensors_io.write(os.path.join(local, HEADS_FILE), heads)

@@ -161,13 +161,19 @@ class Trainer:
         return self._step.lower(self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss)
 
     def step(self, batch: dict, rng=None, *, step: int = 0, skip: Callable | None = None) -> dict[str, float]:
-        """`objective.updates_per_batch` updates on this process's rows `batch` of the global batch; returns the
-        objective's host metrics and the updates' mean metrics.
+        """`dispatch(...)` and wait for its metrics: the synchronous form (tests, benchmarks)."""
+        return self.dispatch(batch, rng, step=step, skip=skip).get()
+
+    def dispatch(self, batch: dict, rng=None, *, step: int = 0, skip: Callable | None = None) -> PendingMetrics:
+        """`objective.updates_per_batch` updates on this process's rows `batch` of the global batch, dispatched
+        without waiting for the device: returns the step's `PendingMetrics` (the objective's host metrics and the
+        updates' mean metrics once `get()` fetches them). The train loop fetches step k's metrics after step k+1
+        is dispatched, so the device never idles while the host reads a loss.
 
         rng: this step's key (LoRA input dropout; None: no dropout), the same on every process; step: the step being
         taken (seeds what the objective draws per step: GRPO's task). The train loop derives both from the run, so a
         resumed run draws the same; skip: where the objective reports samples it could not use (the pipeline
-        iterator's `skip`). A step whose batch had nothing usable returns the objective's metrics only (no "loss":
+        iterator's `skip`). A step whose batch had nothing usable has the objective's metrics only (no "loss":
         no update).
         """
         b = batch["valid"].shape[0]
@@ -177,26 +183,57 @@ class Trainer:
         # one micro-batch of the global batch.
         tick = time.perf_counter()
         arrays, host_metrics = self.objective.host_arrays(batch, step, self.model, skip)
-        host_seconds = time.perf_counter() - tick
+        host_metrics = host_metrics | {"host_seconds": time.perf_counter() - tick}
         if arrays is None:
-            return host_metrics | {"host_seconds": host_seconds}
+            return PendingMetrics(host_metrics, [])
         arrays = parallel.agree_shapes(arrays)
         plan, loss = self.objective.prepare(arrays, b * jax.process_count() // self.config.accumulate)
         if self.mesh is not None:
             arrays = parallel.global_batch(arrays, self.mesh)
         updates = []
-        tick = time.perf_counter()
         for i in range(self.objective.updates_per_batch):
             key_data = None
             if rng is not None:
-                key_data = np.asarray(jax.random.key_data(rng if i == 0 else jax.random.fold_in(rng, i)))
+                key_data = host_key_data(rng, i)
                 if self.mesh is not None:
                     key_data = parallel.replicated(key_data, self.mesh)
             self.trainable, self.opt_state, metrics = self._step(
                 self.trainable, self.opt_state, self.frozen, arrays, plan, key_data, loss=loss
             )
-            updates.append(jax.device_get(metrics))
-        # device_get above waited for the updates: this is their wall time, compilation included on a new shape.
-        timing = {"host_seconds": host_seconds, "update_seconds": time.perf_counter() - tick}
-        mean = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
-        return host_metrics | mean | timing
+            updates.append(metrics)
+        return PendingMetrics(host_metrics, updates)
+
+
+class PendingMetrics:
+    """One step's metrics: the host's now, the device's (arrays of updates still running) on `get()`."""
+
+    def __init__(self, host_metrics: dict, updates: list):
+        self._host, self._updates, self._value = host_metrics, updates, None
+
+    @property
+    def has_updates(self) -> bool:
+        """False for a step that made no update (nothing in its batch was usable)."""
+        return bool(self._updates)
+
+    def get(self) -> dict[str, float]:
+        """The objective's host metrics and the updates' mean metrics (blocks until the updates are done)."""
+        if self._value is None:
+            updates = jax.device_get(self._updates)
+            mean = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]} if updates else {}
+            self._value, self._updates = self._host | mean, []
+        return self._value
+
+
+def host_key(rng) -> jax.Array:
+    """`rng` on the host's CPU backend: keys derived from it there (`fold_in`) never wait for the accelerator."""
+    return jax.device_put(rng, jax.local_devices(backend="cpu")[0])
+
+
+def host_key_data(rng, i: int = 0) -> np.ndarray:
+    """The raw data of `fold_in(rng, i)` (rng itself for i == 0), computed on the host's CPU backend: the same bits
+    (threefry is exact everywhere) without queueing behind the accelerator's running step and waiting for it."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    # Out of the train step's mesh, whose devices the CPU key is not on.
+    with jax.set_mesh(None), jax.default_device(cpu):
+        key = host_key(rng)
+        return np.asarray(jax.random.key_data(key if i == 0 else jax.random.fold_in(key, i)))

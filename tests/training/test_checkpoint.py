@@ -314,15 +314,15 @@ def test_sigterm_sets_the_flag_and_close_restores_the_handler(tmp_path):
     try:
         ckpt = Checkpointer(str(tmp_path), save_every=100)
         ckpt.install_sigterm_handler()
-        assert not ckpt.preemption_requested
+        assert not ckpt.reached_preemption(5)
         os.kill(os.getpid(), signal.SIGTERM)
         # Another (jax) thread may take the signal; Python then runs the handler in the main thread soon after.
         deadline = time.monotonic() + 5
-        while not ckpt.preemption_requested and time.monotonic() < deadline:
+        while not ckpt.reached_preemption(5) and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert ckpt.preemption_requested
+        assert ckpt.reached_preemption(5)
         assert calls == []  # Replaced, not chained: the process keeps running.
-        assert ckpt.maybe_save(5, _small_state(5), force=ckpt.preemption_requested)
+        assert ckpt.maybe_save(5, _small_state(5), force=ckpt.reached_preemption(5))
         ckpt.close()
         assert signal.getsignal(signal.SIGTERM) is previous
         assert ckpt.all_steps() == [5]
@@ -495,11 +495,16 @@ def _two_process_worker(process_id: int, port: int, directory: str) -> None:
     next(it)
     ckpt = Checkpointer(directory, save_every=100)
     ckpt.install_sigterm_handler()
-    if process_id == 1:  # Only one process is told; both must stop at the same step.
+    if process_id == 1:  # Only one process is told (JAX's preemption notifier); both must stop at the same step.
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.5)
-    preempted = ckpt.preemption_requested
-    saved = ckpt.maybe_save(5, state, it, extra={"loss": 0.5}, force=preempted)
+    at = None
+    for step in range(5, 200):  # the steps of a loop, each asking once
+        if ckpt.reached_preemption(step):
+            at = step
+            break
+        time.sleep(0.05)
+    preempted = at is not None
+    saved = ckpt.maybe_save(at, state, it, extra={"loss": 0.5}, force=preempted)
     recorded = [next(it) for _ in range(2)]
     abstract = TrainState(
         params={"w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=replicated)},
@@ -513,6 +518,7 @@ def _two_process_worker(process_id: int, port: int, directory: str) -> None:
     ckpt.close()
     result = {
         "preempted": preempted,
+        "at": at,
         "saved": saved,
         "extra": extra,
         "step": int(restored.step.addressable_data(0)),
@@ -564,4 +570,6 @@ def test_two_processes_save_and_restore_together(tmp_path):
         assert result["data_ok"]
     # Disjoint data shards, each resumed from its own saved state.
     assert not set(results[0]["durations"]) & set(results[1]["durations"])
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(tmp_path / "ckpt" / "5" / "data"))
+    assert results[0]["at"] == results[1]["at"]  # the step JAX's preemption sync manager picked, the same on both
+    saved = tmp_path / "ckpt" / str(results[0]["at"]) / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(saved))

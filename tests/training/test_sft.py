@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxgrounding.training import experiment
 from jaxgrounding.grounding_model import batch_inputs, batch_plan, device_batch
-from jaxgrounding.training.trainer import Trainer
+from jaxgrounding.training.trainer import PendingMetrics, Trainer
 from tests import test_train_timescope
 from tests.test_train import first_batch, micro_config
 
@@ -58,25 +58,28 @@ def test_accumulation_of_identical_halves_equals_one_step(setup):
         )
 
 
-def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every, kept", [(1, ["1", "2"]), (4, [])])
+def test_non_finite_loss_stops_the_run_without_saving(tmp_path, monkeypatch, checkpoint_every, kept):
+    """Metrics are read one step late: a NaN at step 3 is found while step 4 runs (checkpoint_every=4: step 4 is
+    not saved, its metrics come first), or at once before a save (checkpoint_every=1); the error names step 3."""
     import os
 
     from jaxgrounding.train import train_and_evaluate
 
     config = micro_config(tmp_path / "data")
-    config.train.checkpoint_every = 1
-    real_step = Trainer.step
+    config.train.checkpoint_every = checkpoint_every
+    real_dispatch = Trainer.dispatch
     calls = {"n": 0}
 
-    def step(self, batch, rng=None, **kwargs):
+    def dispatch(self, batch, rng=None, **kwargs):
         calls["n"] += 1
-        metrics = real_step(self, batch, rng, **kwargs)
-        return metrics | {"loss": float("nan")} if calls["n"] == 3 else metrics
+        pending = real_dispatch(self, batch, rng, **kwargs)
+        return PendingMetrics(pending.get() | {"loss": float("nan")}, []) if calls["n"] == 3 else pending
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "dispatch", dispatch)
     with pytest.raises(FloatingPointError, match=r"step 3: loss is nan on samples \['train/"):
         train_and_evaluate(config, str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == kept
 
 
 def test_lora_dropout_key_is_the_only_randomness_of_a_step(setup):

@@ -75,8 +75,11 @@ def test_a_resume_with_another_model_config_names_the_differing_keys(tmp_path):
 def test_metrics_rows_of_replayed_steps_are_replaced(tmp_path):
     path = tmp_path / "train_metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
-    workdir_lib.truncate_metrics(str(path), 4)
+    log = workdir_lib.MetricsLog(str(path), 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    log.append({"step": 5, "loss": 5})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
 def test_generated_data_is_named_by_its_config_and_never_replaced_under_a_reader(tmp_path):
