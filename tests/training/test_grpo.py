@@ -35,6 +35,7 @@ def micro_config(data_root):
     config.data.max_frames = 12
     config.model.tiny = {"hidden": 64, "layers": 2, "vision_depth": 1, "vision_hidden": 32}
     config.warm_start.steps = 3
+    config.warm_start.pointer_weight = 1.0  # the time pointers' path (off in the default)
     config.train.batch_size = 2
     config.train.steps = 4
     config.train.log_every = 1
