@@ -26,7 +26,8 @@ Structural answers (MeCo's `<ent>`/`<tst>`, `answer.format = "structural"`), who
 but come from the structural tokens' frame similarities (`inference`), which the caller passes as `windows`:
 
 - "structural_iou" (grounding): IoU of the top-ranked window with the first ground-truth window, 0 when
-  the answer yields no window.
+  the answer yields no window (the caller passes only windows that a structural token chose, not
+  `assign_windows`' whole-video fallback).
 - "structural_format" (grounding): the whole output is MeCo's answer (`tasks.structural`): pieces joined
   by newlines, each a caption ended by `<ent>` or a bare `<tst>`, with at least one `<ent>`.
 

@@ -276,7 +276,7 @@ class GRPO:
             predictions = inference.sample_predictions(
                 model, arrays, self.encoder.tokenizer, config.assignment, gen, g
             )
-            windows = [None if p is None else [(w.start, w.end) for w in p.windows] for p in predictions]
+            windows = chosen_windows(predictions)
         scores = self._rewards(tasks, samples, texts, len(batch["valid"]), windows)
         totals = np.nan_to_num(sum(s for s in scores.values()), nan=0.0)
         valid_rows = np.repeat(arrays["valid"], g)
@@ -447,6 +447,13 @@ class GRPO:
                 ).items():
                     out.setdefault(name, np.full((batch_size * g,), np.nan))[r] = value
         return out
+
+
+def chosen_windows(predictions) -> list:
+    """Per completion, the ranked (start, end) windows its structural tokens chose (None for padding rows). The
+    whole-video fallback of an answer without any is left out: it would earn the IoU of guessing the whole video
+    and so reward answers without the format."""
+    return [None if p is None else [(w.start, w.end) for w in p.windows if w.token_index >= 0] for p in predictions]
 
 
 def _every_process_has_prompts(prompts: list, step: int) -> bool:

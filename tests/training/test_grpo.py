@@ -338,6 +338,23 @@ def test_sample_predictions_read_each_sample_as_predict_does(tmp_path, monkeypat
         assert [(w.start, w.end) for w in prediction.windows] == [(w.start, w.end) for w in expected.windows]
 
 
+def test_the_whole_video_fallback_earns_no_structural_iou():
+    from jaxgrounding.inference import Prediction
+    from jaxgrounding.tasks import rewards
+    from jaxgrounding.tasks.structural import GroundedWindow
+
+    def prediction(*windows):
+        return Prediction("", list(windows), np.zeros((0, 3)), [], np.zeros(3), 1.0)
+
+    fallback = GroundedWindow(0.0, 30.0, 0.0, -1)
+    chosen = GroundedWindow(2.0, 6.0, 0.4, 0)
+    windows = grpo.chosen_windows([prediction(fallback), prediction(chosen, fallback), None])
+    assert windows == [[], [(2.0, 6.0)], None]
+    sample = data_lib.Sample(id="v/0", video="v.mp4", duration=30.0, query="q", windows=((2.0, 6.0),))
+    got = [rewards.task_rewards("", sample, "grounding", names=("structural_iou",), windows=w) for w in windows[:2]]
+    assert got == [{"structural_iou": 0.0}, {"structural_iou": 1.0}]
+
+
 def test_structural_warm_start_then_grpo(tmp_path):
     """answer.format = "structural": MeCo's SFT (LM + L_ST) as the warm start, its exported heads carried into
     GRPO, rewards from the top window of the structural answer, MeCo's evaluation before and after."""
