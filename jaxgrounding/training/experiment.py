@@ -243,7 +243,12 @@ def build_model(config, checkpoint: str, mesh=None):
         remat_policy=config.model.remat_policy,
         attention=config.model.attention,
     )
-    init_token_rows(llm, [tokenizer.ent_id, tokenizer.tst_id], tokenizer.base_vocab_size)
+    heads = os.path.join(checkpoint, HEADS_FILE)
+    # An exported grounding model (export_hf, the heads file beside it) carries trained <ent>/<tst> rows; a base
+    # checkpoint's rows for them are untrained padding (or missing) and start from the mean of the others.
+    exported = os.path.isfile(heads)
+    if not exported:
+        init_token_rows(llm, [tokenizer.ent_id, tokenizer.tst_id], tokenizer.base_vocab_size)
     if config.trainable.llm == "lora":
         apply_lora(
             llm,
@@ -254,8 +259,7 @@ def build_model(config, checkpoint: str, mesh=None):
             seed=config.seed,
         )
     model = GroundingModel(llm, rngs=nnx.Rngs(config.seed))
-    heads = os.path.join(checkpoint, HEADS_FILE)
-    if os.path.isfile(heads):  # an exported grounding model (export_hf) continues with its trained heads
+    if exported:  # it continues with its trained heads too
         load_heads(model, heads)
     return model, tokenizer
 

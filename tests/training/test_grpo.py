@@ -377,6 +377,14 @@ def test_structural_warm_start_then_grpo(tmp_path):
     # GRPO started from the warm start's heads, read back from its export.
     export = os.path.join(workdir, "warm_start", "export")
     model, _ = experiment.build_model(experiment.after_warm_start(config, os.path.join(workdir, "warm_start")), export)
+    # ... and with the <ent>/<tst> embedding rows the warm start trained (not re-initialised to the mean).
+    weights = safetensors_io.SafetensorsFile(os.path.join(export, "model.safetensors"))
+    trained = weights.get("model.embed_tokens.weight" if "model.embed_tokens.weight" in weights.keys() else
+                          next(k for k in weights.keys() if k.endswith("embed_tokens.weight")))
+    _, tokenizer = experiment.build_model(config, export)
+    rows = [tokenizer.ent_id, tokenizer.tst_id]
+    np.testing.assert_array_equal(np.asarray(model.llm.decoder.embed_tokens[...])[rows], trained[rows])
+    assert not np.allclose(trained[rows[0]], trained[: tokenizer.base_vocab_size].mean(0))
     stored = safetensors_io.SafetensorsFile(os.path.join(export, experiment.HEADS_FILE))
     for key, variable in nnx.to_flat_state(nnx.state(model.heads)):
         want = stored.get(".".join(map(str, key)))
