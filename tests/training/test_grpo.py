@@ -359,6 +359,7 @@ def test_structural_warm_start_then_grpo(tmp_path):
     """answer.format = "structural": MeCo's SFT (LM + L_ST) as the warm start, its exported heads carried into
     GRPO, rewards from the top window of the structural answer, MeCo's evaluation before and after."""
     from jaxgrounding.model import safetensors_io
+    from jaxgrounding.model.tokenizer import load_tokenizer
 
     config = structural_config(tmp_path / "data")
     workdir = str(tmp_path / "run")
@@ -381,7 +382,7 @@ def test_structural_warm_start_then_grpo(tmp_path):
     weights = safetensors_io.SafetensorsFile(os.path.join(export, "model.safetensors"))
     trained = weights.get("model.embed_tokens.weight" if "model.embed_tokens.weight" in weights.keys() else
                           next(k for k in weights.keys() if k.endswith("embed_tokens.weight")))
-    _, tokenizer = experiment.build_model(config, export)
+    tokenizer = load_tokenizer(export)
     rows = [tokenizer.ent_id, tokenizer.tst_id]
     np.testing.assert_array_equal(np.asarray(model.llm.decoder.embed_tokens[...])[rows], trained[rows])
     assert not np.allclose(trained[rows[0]], trained[: tokenizer.base_vocab_size].mean(0))
