@@ -28,7 +28,7 @@ from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_pla
 from jaxgrounding.memory import streaming
 from jaxgrounding.objectives.structural import pool_frame_states
 from jaxgrounding.tasks import coarse_to_fine
-from jaxgrounding.tasks.structural import GroundedWindow, assign_windows
+from jaxgrounding.tasks.structural import GroundedWindow, assign_windows, time_softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +220,9 @@ def predict_streaming(
         top = prediction.windows[0]
         scores = None
         if top.token_index >= 0:  # the top token's softmax over time: where the coarse stage is most confident
-            logits = prediction.similarity[top.token_index].astype(np.float64)
-            probabilities = np.exp(logits - logits.max())
-            scores = coarse_to_fine.segment_scores(
-                probabilities / probabilities.sum(), streaming_config.segment_frames, n
-            )
-        segments = coarse_to_fine.segments_for_interval((top.start, top.end), spans, c2f, scores)
-        capped[row] = coarse_to_fine.capped((top.start, top.end), spans, c2f)
+            probabilities = time_softmax(prediction.similarity)[top.token_index]
+            scores = coarse_to_fine.segment_scores(probabilities, streaming_config.segment_frames, n)
+        segments, capped[row] = coarse_to_fine.reload_segments((top.start, top.end), spans, c2f, scores)
         chosen[row, : segments.size] = segments
         for k in segments:
             allowed[row, k * streaming_config.segment_frames : (k + 1) * streaming_config.segment_frames] = True

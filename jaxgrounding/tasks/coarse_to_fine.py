@@ -50,20 +50,16 @@ def segment_spans(grid_times: np.ndarray, grid_duration: float, segment_frames: 
 
 
 def segments_for_interval(interval, spans: np.ndarray, config: CoarseToFineConfig, scores=None) -> np.ndarray:
-    """Indices (sorted) of the segments overlapping [start - margin, end + margin]. When more than
-    `max_reload_segments` overlap, the fine stage keeps those with the highest `scores` ([segments]: the coarse
-    stage's confidence per segment, `segment_scores`), or without scores those whose centres are nearest the
-    interval's centre (training's jittered intervals). Always at least one (the nearest) so the fine stage has
-    something to look at. `capped(...)` says whether the cap cut the interval."""
-    return _reload(interval, spans, config, scores)[0]
+    """Indices (sorted) of the segments `reload_segments` chooses for `interval`."""
+    return reload_segments(interval, spans, config, scores)[0]
 
 
-def capped(interval, spans: np.ndarray, config: CoarseToFineConfig) -> bool:
-    """Whether more than `max_reload_segments` segments overlap the widened interval (some were left out)."""
-    return _reload(interval, spans, config, None)[1]
-
-
-def _reload(interval, spans, config, scores) -> tuple[np.ndarray, bool]:
+def reload_segments(interval, spans: np.ndarray, config: CoarseToFineConfig, scores=None) -> tuple[np.ndarray, bool]:
+    """(indices (sorted) of the segments overlapping [start - margin, end + margin], whether the cap cut some).
+    When more than `max_reload_segments` overlap, the fine stage keeps those with the highest `scores`
+    ([segments]: the coarse stage's confidence per segment, `segment_scores`), or without scores those whose
+    centres are nearest the interval's centre (training's jittered intervals). Always at least one (the nearest)
+    so the fine stage has something to look at."""
     start, end = float(interval[0]) - config.margin, float(interval[1]) + config.margin
     real = np.flatnonzero(~np.isnan(spans[:, 0]))
     if real.size == 0:

@@ -162,6 +162,14 @@ def token_frame_targets(
     return targets_kf
 
 
+def time_softmax(similarity_kf: np.ndarray) -> np.ndarray:
+    """[K, F] each token's softmax over time (eq. 5), float64."""
+    shifted_kf = np.asarray(similarity_kf, np.float64)
+    shifted_kf = shifted_kf - shifted_kf.max(axis=1, keepdims=True)
+    probs_kf = np.exp(shifted_kf)
+    return probs_kf / probs_kf.sum(axis=1, keepdims=True)
+
+
 def _tiou(a: tuple[float, float], b: tuple[float, float]) -> float:
     """Temporal IoU of two windows: inter / (len_a + len_b - inter)."""
     inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
@@ -239,10 +247,7 @@ def assign_windows(
     if num_frames == 0 or "ent" not in kinds:
         return fallback
 
-    # Softmax over time (eq. 5), per token.
-    shifted_kf = similarity_kf - similarity_kf.max(axis=1, keepdims=True)
-    probs_kf = np.exp(shifted_kf)
-    probs_kf /= probs_kf.sum(axis=1, keepdims=True)
+    probs_kf = time_softmax(similarity_kf)
     owned_kf = probs_kf >= probs_kf.max(axis=0, keepdims=True)
     if allowed is not None:
         allowed = np.asarray(allowed, bool)

@@ -23,7 +23,7 @@ def test_segments_for_interval_adds_the_margin_and_keeps_the_nearest():
     # Capped at two: the two segments whose centres are nearest the interval's centre (12.5).
     capped = c2f.CoarseToFineConfig(margin=0.0, max_reload_segments=2, fine_fraction=0.5, jitter=0.5)
     np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped), [1, 2])
-    assert c2f.capped((7, 18), spans, capped) and not c2f.capped((7, 17), spans, cfg)
+    assert c2f.reload_segments((7, 18), spans, capped)[1] and not c2f.reload_segments((7, 17), spans, cfg)[1]
     # With the coarse stage's confidence per segment, the cap keeps the most confident segments instead.
     scores = np.array([0.9, 0.1, 0.5, 0.0, 0.0])
     np.testing.assert_array_equal(c2f.segments_for_interval((7, 18), spans, capped, scores), [0, 2])
