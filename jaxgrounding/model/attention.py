@@ -17,7 +17,8 @@ Implementations (`ModelConfig.attention`; "auto" picks by backend when the funct
   causal pass (2.6x faster forward + backward at T = 1024 on CPU); the memory pass runs its blocks one after
   another (`lax.map`), so only one block's float32 logits are alive.
 - "xla": `jax.nn.dot_product_attention` with XLA's implementation and an explicit mask; runs everywhere.
-- "cudnn" (auto on GPU): the same call with cuDNN's fused flash attention.
+- "cudnn" (auto on GPU for bf16 / fp16 inputs; float32 runs "xla"): the same call with cuDNN's fused flash
+  attention, on sequences padded to even lengths (its backward needs them).
 - "splash" (auto on TPU): the Pallas splash-attention kernel, with the static mask (causal with its offset, or
   full) and padding as segment ids; "splash_interpret" runs the same kernel in the Pallas interpreter (tests).
 
@@ -42,14 +43,20 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BLOCK = 128
 
 
-def resolve(impl: str, backend: str | None = None) -> str:
-    """The implementation `impl` stands for on `backend` (default: `jax.default_backend()`)."""
+def resolve(impl: str, backend: str | None = None, dtype=jnp.bfloat16) -> str:
+    """The implementation `impl` stands for on `backend` (default: `jax.default_backend()`) for inputs of
+    `dtype`. cuDNN's fused attention takes 16-bit inputs only: "auto" runs "xla" for a float32 model on GPU, and
+    a float32 model that names "cudnn" is refused here rather than by the GPU at its first step."""
     if impl not in SETTINGS:
         raise ValueError(f"attention must be one of {SETTINGS}, got {impl!r}")
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "cudnn" and not sixteen_bit:
+        raise ValueError(f"attention 'cudnn' takes bfloat16 or float16 inputs, got {jnp.dtype(dtype)} "
+                         "(set model.compute_dtype = 'bfloat16', or attention 'xla' / 'auto')")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
-    return _AUTO.get(backend, "xla")
+    choice = _AUTO.get(backend or jax.default_backend(), "xla")
+    return "xla" if choice == "cudnn" and not sixteen_bit else choice
 
 
 def causal_attention(q, k, v, key_valid, *, offset: int, impl: str, block_size: int = BLOCK) -> jax.Array:
@@ -57,7 +64,7 @@ def causal_attention(q, k, v, key_valid, *, offset: int, impl: str, block_size: 
     if not isinstance(offset, (int, np.integer)):
         raise TypeError(f"causal_attention takes a static offset (a Python int); got {type(offset).__name__}: "
                         "a decode step at a traced position is decode_attention")
-    impl = resolve(impl)
+    impl = resolve(impl, dtype=q.dtype)
     if impl == "blocked":
         if offset and q.shape[1] > block_size:
             return _blocked_memory(q, k, v, key_valid, int(offset), block_size)
@@ -67,7 +74,7 @@ def causal_attention(q, k, v, key_valid, *, offset: int, impl: str, block_size: 
 
 def full_attention(q, k, v, key_valid, *, impl: str) -> jax.Array:
     """Every query sees every valid key. Returns [B, T, H, D] in q's dtype."""
-    impl = resolve(impl)
+    impl = resolve(impl, dtype=q.dtype)
     if impl == "blocked":
         return _heads_last(_dense(_heads_first(q, k.shape[2]), *_kv_heads_first(k, v), key_valid, None))
     return _fused(q, k, v, key_valid, None, impl)
@@ -160,16 +167,38 @@ def _blocked_memory(q, k, v, key_valid, memory_size: int, block_size: int):
 
 
 def _fused(q, k, v, key_valid, offset: int | None, impl: str):
-    if impl in ("xla", "cudnn"):
-        t, s = q.shape[1], k.shape[1]
-        mask = key_valid[:, None, None, :]  # [B, 1, 1, S]
-        if offset is not None:
-            mask = mask & (np.arange(s)[None, :] <= offset + np.arange(t)[:, None])[None, None]
-        # float32 logits and softmax inside both implementations; the output is q's dtype.
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    if impl == "xla":
+        return _dot_product(q, k, v, key_valid, offset, impl)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, key_valid, offset)
     if impl in ("splash", "splash_interpret"):
         return _splash(q, k, v, key_valid, offset, interpret=impl == "splash_interpret")
     raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+def _dot_product(q, k, v, key_valid, offset: int | None, impl: str):
+    """`jax.nn.dot_product_attention` with the mask spelled out, [B, 1, T, S] (float32 logits and softmax inside).
+    The mask is broadcast over the queries even without a causal part: cuDNN takes it as a bias of exactly the
+    logits' length on both axes."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    mask = jnp.broadcast_to(key_valid[:, None, None, :], (b, 1, t, s))
+    if offset is not None:
+        mask = mask & (np.arange(s)[None, :] <= offset + np.arange(t)[:, None])[None, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _cudnn(q, k, v, key_valid, offset: int | None):
+    """cuDNN's fused attention on sequences padded to even lengths. The mask reaches cuDNN as a bias, and its
+    backward with a bias takes only even query and key lengths (jax raises "Unsupported sequence length" when the
+    gradient is traced: an odd prompt would stop a GPU run at its first step). Padded keys are invalid; padded
+    queries are dropped."""
+    t, s = q.shape[1], k.shape[1]
+    pad_t, pad_s = t % 2, s % 2
+    if pad_t or pad_s:
+        q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k, v))
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, pad_s)))
+    return _dot_product(q, k, v, key_valid, offset, "cudnn")[:, :t]
 
 
 @functools.lru_cache(maxsize=64)

@@ -110,6 +110,9 @@ def test_a_traced_offset_is_refused_by_the_static_masks():
 def test_the_choice_is_explicit_and_auto_follows_the_backend():
     assert [attention.resolve("auto", b) for b in ("cpu", "gpu", "tpu")] == ["blocked", "cudnn", "splash"]
     assert attention.resolve("xla", "tpu") == "xla"  # a named implementation is never overridden
+    assert attention.resolve("auto", "gpu", jnp.float32) == "xla"  # cuDNN takes 16-bit inputs only
+    with pytest.raises(ValueError, match="'cudnn' takes bfloat16 or float16"):
+        attention.resolve("cudnn", "gpu", jnp.float32)
     with pytest.raises(ValueError, match="attention must be one of"):
         attention.resolve("flash")
 
@@ -152,3 +155,67 @@ def test_splash_lowers_for_tpu_at_7b_shapes(monkeypatch, shape):
     traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, valid)
     text = traced.lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") >= 2  # the forward and the backward kernels
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+    """implementation="cudnn" runs XLA's attention: the cudnn path's own code (padding, mask) runs on CPU."""
+    dot_product_attention = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        return dot_product_attention(*args, implementation="xla" if implementation == "cudnn" else implementation,
+                                     **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+
+
+@pytest.mark.parametrize("t,s,offset", [(41, 41, 0), (40, 63, 23), (33, 33, None)], ids=["prompt", "memory", "full"])
+def test_cudnn_path_pads_odd_lengths_without_changing_the_result(cudnn_on_cpu, t, s, offset):
+    """cuDNN's backward with a mask takes only even lengths: the cudnn path pads queries and keys, values and
+    gradients equal XLA's unpadded attention on the rows that see a key (in bf16: cuDNN takes 16-bit inputs)."""
+    q, k, v, key_valid = case(t, s, seed=5, memory=offset or 0)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    rows = jnp.asarray(rows_seeing_a_key(key_valid, t, offset))
+    weights = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
+
+    def loss(impl, q, k, v):
+        if offset is None:
+            out = attention.full_attention(q, k, v, key_valid, impl=impl)
+        else:
+            out = attention.causal_attention(q, k, v, key_valid, offset=offset, impl=impl)
+        return jnp.sum(jnp.where(rows[..., None, None], out * weights, 0.0)), out
+
+    (_, want), want_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, got), got_grads = jax.value_and_grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert got.shape == q.shape
+    seen = np.asarray(rows)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[seen], np.asarray(want, np.float32)[seen], atol=1e-6)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", SEVEN_B | {"odd-prompt": (2047, 2047, 0)})
+def test_cudnn_lowers_for_gpu_at_7b_shapes(monkeypatch, shape):
+    """Cross-lowers the cuDNN path, forward and backward, for CUDA on a CPU-only machine: jax's cuDNN rules
+    (head dim, GQA, mask as bias, even lengths in the backward) apply when the calls are traced. The probe of the
+    installed cuDNN's version is answered with 9.10 (no cuDNN library here); nothing compiles or runs."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    t, s, offset = (SEVEN_B | {"odd-prompt": (2047, 2047, 0)})[shape]
+    heads, kv_heads, d = (16, 16, 80) if offset is None else (28, 4, 128)
+    q = jax.ShapeDtypeStruct((1, t, heads, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, s, kv_heads, d), jnp.bfloat16)
+    valid = jax.ShapeDtypeStruct((1, s), jnp.bool_)
+
+    def loss(q, k, v, valid):
+        if offset is None:
+            out = attention.full_attention(q, k, v, valid, impl="auto")
+        else:
+            out = attention.causal_attention(q, k, v, valid, offset=offset, impl="auto")
+        return jnp.sum(out.astype(jnp.float32))
+
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, valid)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "__cudnn$fmhaScaleBiasSoftmax" in text and "__cudnn$fmhaScaleBiasSoftmaxBackward" in text
