@@ -270,15 +270,15 @@ HEADS_FILE = "structural_heads.safetensors"
 
 def load_heads(model: GroundingModel, path: str) -> None:
     """Sets `model.heads` from a file `export_hf` wrote; every head parameter must be there with its shape."""
-    from jaxgrounding.model import safetensors_io
+    from jaxgrounding.model.weights import read_safetensors
 
-    stored = safetensors_io.SafetensorsFile(path)
+    stored = read_safetensors(path)
     flat = nnx.to_flat_state(nnx.state(model.heads))
     for key, variable in flat:
         name = ".".join(map(str, key))
-        if name not in stored.keys():
-            raise ValueError(f"{path}: no tensor {name!r} (has {sorted(stored.keys())})")
-        value, want = stored.get(name), variable.get_value()
+        if name not in stored:
+            raise ValueError(f"{path}: no tensor {name!r} (has {sorted(stored)})")
+        value, want = stored[name], variable.get_value()
         if value.size != want.size or value.squeeze().shape != want.squeeze().shape:  # a scalar is stored as [1]
             raise ValueError(f"{path}: {name} has shape {value.shape}, the model's is {want.shape}")
         variable.set_value(jnp.asarray(value.reshape(want.shape), want.dtype))
@@ -331,8 +331,8 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
     tokens, and MeCo's projector heads in `structural_heads.safetensors` (not an HF module)."""
     import copy
 
-    from jaxgrounding.model import safetensors_io
     from jaxgrounding.model.lora import merge_lora
+    from jaxgrounding.model.weights import write_safetensors
 
     llm = copy.deepcopy(model.llm)
     merge_lora(llm)
@@ -341,4 +341,4 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
     with paths.Staged(path) as local:
         jm.save_pretrained(llm, local)
         tokenizer.tokenizer.save_pretrained(local)
-        safetensors_io.write(os.path.join(local, HEADS_FILE), heads)
+        write_safetensors(os.path.join(local, HEADS_FILE), heads)
