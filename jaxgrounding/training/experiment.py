@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -244,7 +245,7 @@ def build_model(config, checkpoint: str, mesh=None):
         attention=config.model.attention,
     )
     heads = os.path.join(checkpoint, HEADS_FILE)
-    # An exported grounding model (export_hf, the heads file beside it) carries trained <ent>/<tst> rows; a base
+    # An exported grounding model (export_hf, with its heads file) carries trained <ent>/<tst> rows; a base
     # checkpoint's rows for them are untrained padding (or missing) and start from the mean of the others.
     exported = os.path.isfile(heads)
     if not exported:
@@ -264,8 +265,9 @@ def build_model(config, checkpoint: str, mesh=None):
     return model, tokenizer
 
 
-# MeCo's projector heads beside an exported checkpoint's weights (not an HF module, so transformers ignores it).
-HEADS_FILE = "structural_heads.safetensors"
+# MeCo's projector heads in an export: not an HF module, so in a folder of their own that transformers and vLLM
+# never read (they load the top-level safetensors as the model's).
+HEADS_FILE = "structural_heads/model.safetensors"
 
 
 def load_heads(model: GroundingModel, path: str) -> None:
@@ -325,13 +327,15 @@ def load_workdir_config(workdir: str):
     return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
-def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
-    """Writes the merged model as an HF checkpoint transformers loads: config.json + safetensors
-    (LoRA folded into the kernels, <ent>/<tst> rows included), the tokenizer with the structural
-    tokens, and MeCo's projector heads in `structural_heads.safetensors` (not an HF module)."""
+def export_hf(model: GroundingModel, tokenizer, path: str, checkpoint: str) -> None:
+    """Writes the merged model as an HF checkpoint that transformers' AutoProcessor and model classes (and vLLM)
+    load: config.json + safetensors (LoRA folded into the kernels, <ent>/<tst> rows included), the tokenizer with
+    the structural tokens and the chat template, the image and video processor configs of the base `checkpoint`
+    the model was built from, and MeCo's projector heads in `HEADS_FILE`."""
     import copy
 
     from jaxgrounding.model.lora import merge_lora
+    from jaxgrounding.model.processor import write_processor_configs
     from jaxgrounding.model.weights import write_safetensors
 
     llm = copy.deepcopy(model.llm)
@@ -341,4 +345,22 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
     with paths.Staged(path) as local:
         jm.save_pretrained(llm, local)
         tokenizer.tokenizer.save_pretrained(local)
+        _keep_chat_template(checkpoint, local)
+        write_processor_configs(checkpoint, local, llm.config.model_type)
+        os.makedirs(os.path.dirname(os.path.join(local, HEADS_FILE)), exist_ok=True)
         write_safetensors(os.path.join(local, HEADS_FILE), heads)
+
+
+# Where transformers' processors read a chat template: the current file, then the legacy one.
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def _keep_chat_template(checkpoint: str, export: str) -> None:
+    """The export's chat template is the tokenizer's (the one our prompts are formatted with), which
+    `save_pretrained` wrote; a tokenizer without one leaves the base checkpoint's processor template to copy."""
+    if any(os.path.isfile(os.path.join(export, name)) for name in _CHAT_TEMPLATE_FILES):
+        return
+    for name in _CHAT_TEMPLATE_FILES:
+        if os.path.isfile(os.path.join(checkpoint, name)):
+            shutil.copy(os.path.join(checkpoint, name), os.path.join(export, name))
+            return

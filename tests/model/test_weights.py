@@ -124,7 +124,8 @@ def test_missing_files_and_bad_configs(checkpoint, tmp_path):
 def test_damaged_safetensors_is_reported(checkpoint, tmp_path, damage):
     dst = _copy(checkpoint, tmp_path)
     data = open(dst / "model.safetensors", "rb").read()
-    damaged = data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:]  # a header length past the end
+    # corrupt: a header length past the end of the file
+    damaged = data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:]
     open(dst / "model.safetensors", "wb").write(damaged)
     with pytest.raises(weights.SafetensorsError, match=r"ckpt/model\.safetensors: .*truncated or corrupt"):
         jm.from_pretrained(str(dst))
