@@ -244,7 +244,7 @@ def build_model(config, checkpoint: str, mesh=None):
         remat_policy=config.model.remat_policy,
         attention=config.model.attention,
     )
-    heads = os.path.join(checkpoint, HEADS_FILE)
+    heads = _heads_file(checkpoint)
     # An exported grounding model (export_hf, with its heads file) carries trained <ent>/<tst> rows; a base
     # checkpoint's rows for them are untrained padding (or missing) and start from the mean of the others.
     exported = os.path.isfile(heads)
@@ -268,6 +268,19 @@ def build_model(config, checkpoint: str, mesh=None):
 # MeCo's projector heads in an export: not an HF module, so in a folder of their own that transformers and vLLM
 # never read (they load the top-level safetensors as the model's).
 HEADS_FILE = "structural_heads/model.safetensors"
+# Where exports before it kept them, beside the model's weights.
+_LEGACY_HEADS_FILE = "structural_heads.safetensors"
+
+
+def _heads_file(checkpoint: str) -> str:
+    """Path of the heads of an export in `checkpoint` (absent from a base checkpoint). An export in the old layout
+    is refused: read as a base checkpoint it would silently lose its trained heads and <ent>/<tst> rows."""
+    legacy = os.path.join(checkpoint, _LEGACY_HEADS_FILE)
+    if os.path.isfile(legacy):
+        raise FileNotFoundError(
+            f"{legacy}: an export in the old layout; move it to {os.path.join(checkpoint, HEADS_FILE)}"
+        )
+    return os.path.join(checkpoint, HEADS_FILE)
 
 
 def load_heads(model: GroundingModel, path: str) -> None:

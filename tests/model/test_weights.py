@@ -38,6 +38,7 @@ def test_export_round_trip_is_exact(checkpoint, tmp_path):
     src = weights.read_safetensors(os.path.join(checkpoint, "model.safetensors"))
     out = weights.read_safetensors(os.path.join(str(tmp_path), "model.safetensors"))
     assert sorted(src) == sorted(out)
+    assert weights.open_safetensors(str(tmp_path / "model.safetensors")).metadata() == {"format": "pt"}  # transformers'
     for k in src:
         np.testing.assert_array_equal(src[k], out[k], err_msg=k)
 

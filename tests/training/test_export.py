@@ -92,3 +92,14 @@ def test_build_model_reads_the_exported_heads(exported):
     stored = dict(nnx.to_flat_state(nnx.state(model.heads)))
     for key, variable in nnx.to_flat_state(nnx.state(again.heads)):
         np.testing.assert_array_equal(np.asarray(variable.get_value()), np.asarray(stored[key].get_value()))
+
+
+def test_an_export_in_the_old_layout_is_refused(exported, tmp_path):
+    """Its heads beside the weights, where exports kept them before: read as a base checkpoint it would lose them."""
+    import shutil
+
+    _, export, _, _, config = exported
+    old = shutil.copytree(export, tmp_path / "old")
+    os.replace(old / experiment.HEADS_FILE, old / "structural_heads.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"structural_heads\.safetensors: an export in the old layout"):
+        experiment.build_model(config, str(old))
