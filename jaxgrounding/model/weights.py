@@ -244,6 +244,14 @@ def _flat_variables(state) -> list[tuple[str, nnx.Variable]]:
 def _block_reader(views, transform, stacked: bool, shape: tuple[int, ...], dtype):
     """index -> that block of our parameter, from the HF tensors `views` (one per layer where `stacked`, each of
     our per-layer `shape`); a stacked block reads only the layers it covers."""
+    # Devices that replicate a block (over the data axis) ask for it each: it is read once.
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def read_once(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)  # slices are unhashable before Python 3.12
+        if key not in blocks:
+            blocks[key] = read(index)
+        return blocks[key]
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if not stacked:
@@ -251,7 +259,7 @@ def _block_reader(views, transform, stacked: bool, shape: tuple[int, ...], dtype
         layers = range(*index[0].indices(len(views)))
         return np.stack([np.asarray(transform.read(views[i], index[1:], shape), dtype) for i in layers])
 
-    return read
+    return read_once
 
 
 def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
