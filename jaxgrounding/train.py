@@ -236,7 +236,7 @@ def _run(config, workdir: str, eval_dir: str, stop_after: int | None) -> dict:
         graphdef, params = nnx.split(model)
         model = nnx.merge(graphdef, parallel.process_local(params))
     if config.train.export and primary:
-        experiment.export_hf(model, tokenizer, paths.join(workdir, "export"))
+        experiment.export_hf(model, tokenizer, paths.join(workdir, "export"), checkpoint_dir)
     # (jax.set_mesh is only called in the `with`: called alone it would set the mesh globally.)
     stopped = (
         f"SIGTERM during evaluation: training is complete and checkpointed at step {step}; exiting without "

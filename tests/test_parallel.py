@@ -40,6 +40,9 @@ def test_sharded_forward_equals_single_device(tmp_path):
     assert specs["decoder.layers.self_attn.q_proj.kernel"] == P(None, "fsdp", "tensor", None)
     assert specs["decoder.layers.mlp.down_proj.kernel"] == P(None, "tensor", "fsdp")
     assert specs["decoder.embed_tokens"] == P("tensor", "fsdp")
+    # each device's block was read from the file on its own: together they are the whole parameter
+    for (key, a), (_, b) in zip(nnx.to_flat_state(nnx.state(single)), nnx.to_flat_state(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(key))
 
     samples = [
         [("text", 3), ("video", (2, 4, 8), 1.0), ("text", 2)],

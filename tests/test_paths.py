@@ -55,6 +55,7 @@ def test_paths_write_read_list_and_stage_through_the_bucket(bucket, tmp_path):
 
 def test_micro_training_on_a_gs_workdir_writes_the_bucket_and_resumes(bucket, tmp_path, monkeypatch):
     from jaxgrounding.train import train_and_evaluate
+    from jaxgrounding.training import experiment
 
     monkeypatch.chdir(tmp_path)  # a workdir mistaken for a local path would appear here as gs:/...
     config = micro_config(tmp_path / "data")
@@ -70,12 +71,11 @@ def test_micro_training_on_a_gs_workdir_writes_the_bucket_and_resumes(bucket, tm
     assert json.loads(paths.read_text(f"{workdir}/config.json"))["train"]["steps"] == 2
     assert json.loads(paths.read_text(f"{workdir}/eval/metrics.json"))["samples"] == result["samples"] == 2
     assert len(paths.read_text(f"{workdir}/eval/predictions.jsonl").splitlines()) == 2
-    assert {"config.json", "model.safetensors", "structural_heads.safetensors"} <= set(paths.listdir(f"{workdir}/export"))
+    assert {"config.json", "model.safetensors", "structural_heads"} <= set(paths.listdir(f"{workdir}/export"))
+    assert paths.isfile(f"{workdir}/export/{experiment.HEADS_FILE}")
     assert "tiny_model" in paths.listdir(workdir) and paths.listdir(f"{workdir}/tb")
     assert not paths.exists(f"{workdir}/run.lock")  # released
     # The evaluate command's path: the tiny model and config read back from the bucket on a machine without them.
-    from jaxgrounding.training import experiment
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another_machine"))
     assert experiment.load_workdir_config(workdir).train.steps == 2
     _, _, checkpoint_dir, step = experiment.restore_model(config, workdir)

@@ -46,12 +46,7 @@ class VisualProcessor:
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> VisualProcessor:
         """Reads the checkpoint's video (else image) preprocessor config; defaults otherwise."""
-        settings = {}
-        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-            file = os.path.join(path, name)
-            if os.path.isfile(file):
-                with open(file) as f:
-                    settings.update(json.load(f))
+        settings = {**_read_json(path, IMAGE_PROCESSOR_FILE), **_read_json(path, VIDEO_PROCESSOR_FILE)}
         size = settings.get("size") or {}
         kwargs = dict(
             patch_size=settings.get("patch_size", 14),
@@ -116,3 +111,52 @@ class VisualProcessor:
         x = pixels.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, Tp, P, P)
         return x.reshape(gt * gh * gw, c * tp * p * p), np.array([gt, gh, gw], np.int64)
+
+    def hf_settings(self) -> dict:
+        """These settings under the keys transformers' Qwen2-VL image and video processors (and vLLM through them)
+        read, so that they preprocess frames as this class does."""
+        return {
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "resample": int(Image.Resampling.BICUBIC),
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+        }
+
+
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+# The transformers processor of each model type: AutoProcessor finds it under this name.
+_PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def write_processor_configs(checkpoint: str, path: str, model_type: str) -> None:
+    """Writes the image and video processor configs of a model built from `checkpoint` into the export `path`:
+    each is the checkpoint's own file where it has one, with the keys it lacks filled from the settings our
+    pipeline preprocesses frames with (which `VisualProcessor.from_pretrained` read from those same files)."""
+    settings = VisualProcessor.from_pretrained(checkpoint).hf_settings()
+    kinds = (
+        (IMAGE_PROCESSOR_FILE, {"image_processor_type": "Qwen2VLImageProcessor"}),
+        (VIDEO_PROCESSOR_FILE, {"video_processor_type": "Qwen2VLVideoProcessor"}),
+    )
+    for name, kind in kinds:
+        config = {**kind, "processor_class": _PROCESSOR_CLASS[model_type], **settings, **_read_json(checkpoint, name)}
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def _read_json(directory: str, name: str) -> dict:
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)

@@ -9,6 +9,10 @@ layer stack: our array has a leading layer axis, HF one tensor per layer.
 Transforms: `Transposed(k)` for a kernel whose first k axes are inputs (HF stores
 [out, in...]); `PatchConv` for the patch embedding (a torch Conv3d [out, C, T, P, P]);
 `Reshaped` for biases and norms (flat in HF); `Same` for the embedding table. Each transform goes both ways, so loading and `save_pretrained` share the table.
+
+Files are read and written by the `safetensors` library (never pickles). Reads are lazy: a parameter is read
+block by block as its sharding asks (`jax.make_array_from_callback`), and a block reads only the rows and
+columns it covers where the layout allows (`get_slice`), so each host reads only its own shards.
 """
 
 from __future__ import annotations
@@ -21,16 +25,49 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors' numpy backend looks up by name)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from jaxgrounding import parallel
-from jaxgrounding.model import safetensors_io
 from jaxgrounding.model.config import ModelConfig
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model config; the message names the file and tensor."""
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file (truncated, corrupt); the message names it."""
+
+
+def open_safetensors(path: str):
+    """A lazy reader of one .safetensors file (`keys`, `get_tensor`, `get_slice`); reads nothing but the header."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except (OSError, safetensors.SafetensorError) as e:
+        raise SafetensorsError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a (small) .safetensors file."""
+    file = open_safetensors(path)
+    try:
+        return {name: file.get_tensor(name) for name in file.keys()}
+    except safetensors.SafetensorError as e:
+        raise SafetensorsError(f"{path}: corrupt tensor data ({e})") from e
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Writes `tensors` atomically (a reader never sees half a file), with the `{"format": "pt"}` metadata
+    transformers requires of a checkpoint."""
+    tmp = path + ".tmp"
+    safetensors.numpy.save_file(
+        {name: np.ascontiguousarray(array) for name, array in tensors.items()}, tmp, metadata={"format": "pt"}
+    )
+    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +82,17 @@ class Transposed:
 
     def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
         return ours.reshape(-1, hf_shape[0]).T.reshape(hf_shape)
+
+    def read(self, view, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """Block `index` of our kernel from the HF tensor `view`: HF rows are our output axes, its columns our
+        input axes, so a block that is one range of each reads just that sub-matrix."""
+        rows = _flat_range(index[self.in_axes :], shape[self.in_axes :])
+        cols = _flat_range(index[: self.in_axes], shape[: self.in_axes])
+        if rows is None or cols is None:
+            return self.to_ours(view[:], shape)[index]
+        # The patch embedding's HF tensor is 5-D: its rows are read whole, then cut to the columns.
+        hf = view[rows, cols] if len(view.get_shape()) == 2 else view[rows].reshape(rows.stop - rows.start, -1)[:, cols]
+        return hf.T.reshape(_block_shape(index, shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +117,12 @@ class Reshaped:
     def to_hf(self, ours, hf_shape):
         return ours.reshape(hf_shape)
 
+    def read(self, view, index, shape):
+        flat = _flat_range(index, shape)
+        if flat is None:
+            return self.to_ours(view[:], shape)[index]
+        return view[flat].reshape(_block_shape(index, shape))
+
 
 @dataclasses.dataclass(frozen=True)
 class Same(Reshaped):
@@ -76,6 +130,25 @@ class Same(Reshaped):
 
     def hf_shape(self, ours, config):
         return tuple(ours)
+
+    def read(self, view, index, shape):
+        return view[index]
+
+
+def _block_shape(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+def _flat_range(index: tuple[slice, ...], shape: tuple[int, ...]) -> slice | None:
+    """The row-major flat positions that block `index` (unit-stride slices) of an array of `shape` covers, as one
+    range; None when they are not one range (an axis before the last cut one spans more than one position)."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+    lengths = [stop - start for start, stop in bounds]
+    cut = [k for k, n in enumerate(shape) if lengths[k] != n]
+    if cut and any(length != 1 for length in lengths[: cut[-1]]):
+        return None
+    start = int(np.ravel_multi_index([b[0] for b in bounds], shape)) if shape else 0
+    return slice(start, start + math.prod(lengths))
 
 
 # (our parameter path regex, HF tensor name template, transform). First match wins.
@@ -129,13 +202,13 @@ class _Checkpoint:
                 f"{path}: no model.safetensors or model.safetensors.index.json "
                 "(only safetensors checkpoints are read; pickles never are)"
             )
-        self.files: dict[str, safetensors_io.SafetensorsFile] = {}
-        self.location: dict[str, str] = {}
+        self.files = {}
+        self.location: dict[str, tuple[str, str]] = {}
         for name in files:
             file_path = os.path.join(path, name)
             if not os.path.isfile(file_path):
                 raise FileNotFoundError(f"{path}: shard {name} listed in the index is missing")
-            st = safetensors_io.SafetensorsFile(file_path)
+            st = open_safetensors(file_path)
             self.files[name] = st
             for key in st.keys():
                 self.location[self._normalise(key)] = (name, key)
@@ -147,23 +220,46 @@ class _Checkpoint:
                 return flat + key[len(nested) :]
         return key
 
-    def read(self, name: str, expected_shape: tuple[int, ...], wanted_for: str) -> np.ndarray:
+    def view(self, name: str, expected_shape: tuple[int, ...], wanted_for: str):
+        """A lazy view of tensor `name` (nothing read yet), once it is known to be there with the expected shape."""
         if name not in self.location:
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} (for parameter {wanted_for}) is missing " "from the checkpoint"
+                f"{self.path}: tensor {name!r} (for parameter {wanted_for}) is missing from the checkpoint"
             )
         file, key = self.location[name]
-        st = self.files[file]
-        if st.shape(key) != tuple(expected_shape):
+        view = self.files[file].get_slice(key)
+        shape = tuple(view.get_shape())
+        if shape != tuple(expected_shape):
             raise CheckpointError(
-                f"{os.path.join(self.path, file)}: tensor {key!r} has shape {st.shape(key)}, "
+                f"{os.path.join(self.path, file)}: tensor {key!r} has shape {shape}, "
                 f"the config needs {tuple(expected_shape)} (for parameter {wanted_for})"
             )
-        return st.get(key)
+        return view
 
 
 def _flat_variables(state) -> list[tuple[str, nnx.Variable]]:
     return [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def _block_reader(views, transform, stacked: bool, shape: tuple[int, ...], dtype):
+    """index -> that block of our parameter, from the HF tensors `views` (one per layer where `stacked`, each of
+    our per-layer `shape`); a stacked block reads only the layers it covers."""
+    # Devices that replicate a block (over the data axis) ask for it each: it is read once.
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def read_once(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)  # slices are unhashable before Python 3.12
+        if key not in blocks:
+            blocks[key] = read(index)
+        return blocks[key]
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(transform.read(views[0], index, shape), dtype)
+        layers = range(*index[0].indices(len(views)))
+        return np.stack([np.asarray(transform.read(views[i], index[1:], shape), dtype) for i in layers])
+
+    return read_once
 
 
 def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
@@ -182,22 +278,15 @@ def load_state(path: str, abstract_state, config: ModelConfig, mesh=None):
         our_path = ".".join(str(p) for p in path_tuple)
         template, transform, stacked = _hf_name(our_path)
         shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
-        if stacked:
-            per_layer = shape[1:]
-            hf_shape = transform.hf_shape(per_layer, config)
-            names = [template.replace("{i}", str(i)) for i in range(shape[0])]
-            parts = [transform.to_ours(ckpt.read(n, hf_shape, our_path), per_layer) for n in names]
-            host = np.stack([np.asarray(p, dtype=dtype) for p in parts])
-        else:
-            names = [template]
-            host = np.asarray(
-                transform.to_ours(ckpt.read(template, transform.hf_shape(shape, config), our_path), shape), dtype=dtype
-            )
+        names = [template.replace("{i}", str(i)) for i in range(shape[0])] if stacked else [template]
+        per_tensor = shape[1:] if stacked else shape
+        hf_shape = transform.hf_shape(per_tensor, config)
+        read = _block_reader([ckpt.view(n, hf_shape, our_path) for n in names], transform, stacked, per_tensor, dtype)
         used.update(names)
-        if mesh is not None:
-            var.set_value(jax.device_put(host, sharding_of[our_path].get_value()))
+        if mesh is not None:  # each device's block is read on its own host
+            var.set_value(jax.make_array_from_callback(shape, sharding_of[our_path].get_value(), read))
         else:
-            var.set_value(jnp.asarray(host))
+            var.set_value(jnp.asarray(read(tuple(slice(None) for _ in shape))))
     unexpected = sorted(k for k in ckpt.location if k not in used and not _IGNORED.match(k))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # some exporters write the tied head anyway
@@ -239,12 +328,12 @@ def save_pretrained(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
         shards[-1][name] = tensors[name]
         size += tensors[name].nbytes
     if len(shards) == 1:
-        safetensors_io.write(os.path.join(path, "model.safetensors"), shards[0])
+        write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
     else:
         weight_map = {}
         for k, shard in enumerate(shards):
             file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            safetensors_io.write(os.path.join(path, file), shard)
+            write_safetensors(os.path.join(path, file), shard)
             weight_map.update({name: file for name in shard})
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -243,8 +244,8 @@ def build_model(config, checkpoint: str, mesh=None):
         remat_policy=config.model.remat_policy,
         attention=config.model.attention,
     )
-    heads = os.path.join(checkpoint, HEADS_FILE)
-    # An exported grounding model (export_hf, the heads file beside it) carries trained <ent>/<tst> rows; a base
+    heads = _heads_file(checkpoint)
+    # An exported grounding model (export_hf, with its heads file) carries trained <ent>/<tst> rows; a base
     # checkpoint's rows for them are untrained padding (or missing) and start from the mean of the others.
     exported = os.path.isfile(heads)
     if not exported:
@@ -264,21 +265,35 @@ def build_model(config, checkpoint: str, mesh=None):
     return model, tokenizer
 
 
-# MeCo's projector heads beside an exported checkpoint's weights (not an HF module, so transformers ignores it).
-HEADS_FILE = "structural_heads.safetensors"
+# MeCo's projector heads in an export: not an HF module, so in a folder of their own that transformers and vLLM
+# never read (they load the top-level safetensors as the model's).
+HEADS_FILE = "structural_heads/model.safetensors"
+# Where exports before it kept them, beside the model's weights.
+_LEGACY_HEADS_FILE = "structural_heads.safetensors"
+
+
+def _heads_file(checkpoint: str) -> str:
+    """Path of the heads of an export in `checkpoint` (absent from a base checkpoint). An export in the old layout
+    is refused: read as a base checkpoint it would silently lose its trained heads and <ent>/<tst> rows."""
+    legacy = os.path.join(checkpoint, _LEGACY_HEADS_FILE)
+    if os.path.isfile(legacy):
+        raise FileNotFoundError(
+            f"{legacy}: an export in the old layout; move it to {os.path.join(checkpoint, HEADS_FILE)}"
+        )
+    return os.path.join(checkpoint, HEADS_FILE)
 
 
 def load_heads(model: GroundingModel, path: str) -> None:
     """Sets `model.heads` from a file `export_hf` wrote; every head parameter must be there with its shape."""
-    from jaxgrounding.model import safetensors_io
+    from jaxgrounding.model.weights import read_safetensors
 
-    stored = safetensors_io.SafetensorsFile(path)
+    stored = read_safetensors(path)
     flat = nnx.to_flat_state(nnx.state(model.heads))
     for key, variable in flat:
         name = ".".join(map(str, key))
-        if name not in stored.keys():
-            raise ValueError(f"{path}: no tensor {name!r} (has {sorted(stored.keys())})")
-        value, want = stored.get(name), variable.get_value()
+        if name not in stored:
+            raise ValueError(f"{path}: no tensor {name!r} (has {sorted(stored)})")
+        value, want = stored[name], variable.get_value()
         if value.size != want.size or value.squeeze().shape != want.squeeze().shape:  # a scalar is stored as [1]
             raise ValueError(f"{path}: {name} has shape {value.shape}, the model's is {want.shape}")
         variable.set_value(jnp.asarray(value.reshape(want.shape), want.dtype))
@@ -325,14 +340,16 @@ def load_workdir_config(workdir: str):
     return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
-def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
-    """Writes the merged model as an HF checkpoint transformers loads: config.json + safetensors
-    (LoRA folded into the kernels, <ent>/<tst> rows included), the tokenizer with the structural
-    tokens, and MeCo's projector heads in `structural_heads.safetensors` (not an HF module)."""
+def export_hf(model: GroundingModel, tokenizer, path: str, checkpoint: str) -> None:
+    """Writes the merged model as an HF checkpoint that transformers' AutoProcessor and model classes (and vLLM)
+    load: config.json + safetensors (LoRA folded into the kernels, <ent>/<tst> rows included), the tokenizer with
+    the structural tokens and the chat template, the image and video processor configs of the base `checkpoint`
+    the model was built from, and MeCo's projector heads in `HEADS_FILE`."""
     import copy
 
-    from jaxgrounding.model import safetensors_io
     from jaxgrounding.model.lora import merge_lora
+    from jaxgrounding.model.processor import write_processor_configs
+    from jaxgrounding.model.weights import write_safetensors
 
     llm = copy.deepcopy(model.llm)
     merge_lora(llm)
@@ -341,4 +358,22 @@ def export_hf(model: GroundingModel, tokenizer, path: str) -> None:
     with paths.Staged(path) as local:
         jm.save_pretrained(llm, local)
         tokenizer.tokenizer.save_pretrained(local)
-        safetensors_io.write(os.path.join(local, HEADS_FILE), heads)
+        _keep_chat_template(checkpoint, local)
+        write_processor_configs(checkpoint, local, llm.config.model_type)
+        os.makedirs(os.path.dirname(os.path.join(local, HEADS_FILE)), exist_ok=True)
+        write_safetensors(os.path.join(local, HEADS_FILE), heads)
+
+
+# Where transformers' processors read a chat template: the current file, then the legacy one.
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def _keep_chat_template(checkpoint: str, export: str) -> None:
+    """The export's chat template is the tokenizer's (the one our prompts are formatted with), which
+    `save_pretrained` wrote; a tokenizer without one leaves the base checkpoint's processor template to copy."""
+    if any(os.path.isfile(os.path.join(export, name)) for name in _CHAT_TEMPLATE_FILES):
+        return
+    for name in _CHAT_TEMPLATE_FILES:
+        if os.path.isfile(os.path.join(checkpoint, name)):
+            shutil.copy(os.path.join(checkpoint, name), os.path.join(export, name))
+            return

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxgrounding.model as jm
-from jaxgrounding.model import safetensors_io
+from jaxgrounding.model import weights
 from jaxgrounding.model.positions import rope_positions
 from tests.model import hf_reference as ref
 
@@ -35,11 +35,12 @@ def test_export_round_trip_is_exact(checkpoint, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # Byte-identical tensors to what transformers wrote.
-    src = safetensors_io.SafetensorsFile(os.path.join(checkpoint, "model.safetensors"))
-    out = safetensors_io.SafetensorsFile(os.path.join(str(tmp_path), "model.safetensors"))
-    assert sorted(src.keys()) == sorted(out.keys())
-    for k in src.keys():
-        np.testing.assert_array_equal(src.get(k), out.get(k), err_msg=k)
+    src = weights.read_safetensors(os.path.join(checkpoint, "model.safetensors"))
+    out = weights.read_safetensors(os.path.join(str(tmp_path), "model.safetensors"))
+    assert sorted(src) == sorted(out)
+    assert weights.open_safetensors(str(tmp_path / "model.safetensors")).metadata() == {"format": "pt"}  # transformers'
+    for k in src:
+        np.testing.assert_array_equal(src[k], out[k], err_msg=k)
 
 
 def test_transformers_loads_our_export(checkpoint, tmp_path):
@@ -78,11 +79,9 @@ def _copy(checkpoint, tmp_path):
 
 
 def _rewrite(dst, edit):
-    f = safetensors_io.SafetensorsFile(str(dst / "model.safetensors"))
-    tensors = {k: np.array(f.get(k)) for k in f.keys()}
-    del f
+    tensors = weights.read_safetensors(str(dst / "model.safetensors"))
     edit(tensors)
-    safetensors_io.write(str(dst / "model.safetensors"), tensors)
+    weights.write_safetensors(str(dst / "model.safetensors"), tensors)
 
 
 def test_missing_tensor_is_named(checkpoint, tmp_path):
@@ -122,12 +121,36 @@ def test_missing_files_and_bad_configs(checkpoint, tmp_path):
         jm.from_pretrained(str(dst))
 
 
-def test_truncated_safetensors_is_reported(checkpoint, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_safetensors_is_reported(checkpoint, tmp_path, damage):
     dst = _copy(checkpoint, tmp_path)
     data = open(dst / "model.safetensors", "rb").read()
-    open(dst / "model.safetensors", "wb").write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="model.safetensors.*(truncated|corrupt)"):
+    # corrupt: a header length past the end of the file
+    damaged = data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:]
+    open(dst / "model.safetensors", "wb").write(damaged)
+    with pytest.raises(weights.SafetensorsError, match=r"ckpt/model\.safetensors: .*truncated or corrupt"):
         jm.from_pretrained(str(dst))
+
+
+@pytest.mark.parametrize(
+    "transform, shape, index",
+    [
+        (weights.Transposed(1), (6, 2, 3), (slice(2, 4), slice(1, 2), slice(None))),  # rows and columns: one range
+        (weights.Transposed(1), (6, 2, 3), (slice(None), slice(None), slice(1, 3))),  # output rows cut: not one
+        (weights.Transposed(2), (2, 3, 4), (slice(1, 2), slice(None), slice(0, 2))),
+        (weights.Reshaped(), (4, 3), (slice(1, 3), slice(None))),
+        (weights.Reshaped(), (4, 3), (slice(1, 3), slice(0, 2))),  # not one range of the flat HF tensor
+        (weights.Same(), (4, 3), (slice(2, 4), slice(1, 3))),
+    ],
+)
+def test_a_block_read_equals_the_block_of_the_whole(tmp_path, transform, shape, index):
+    """Sharded loading reads each device's block straight from the file (get_slice); it must be that block of the
+    whole parameter, whether it is one range of the HF tensor or not."""
+    ours = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    hf_shape = transform.hf_shape(shape, None)
+    weights.write_safetensors(str(tmp_path / "t.safetensors"), {"t": transform.to_hf(ours, hf_shape)})
+    view = weights.open_safetensors(str(tmp_path / "t.safetensors")).get_slice("t")
+    np.testing.assert_array_equal(transform.read(view, index, shape), ours[index])
 
 
 def test_nested_transformers5_names_are_accepted(checkpoint, tmp_path):

@@ -358,8 +358,8 @@ def test_the_whole_video_fallback_earns_no_structural_iou():
 def test_structural_warm_start_then_grpo(tmp_path):
     """answer.format = "structural": MeCo's SFT (LM + L_ST) as the warm start, its exported heads carried into
     GRPO, rewards from the top window of the structural answer, MeCo's evaluation before and after."""
-    from jaxgrounding.model import safetensors_io
     from jaxgrounding.model.tokenizer import load_tokenizer
+    from jaxgrounding.model.weights import read_safetensors
 
     config = structural_config(tmp_path / "data")
     workdir = str(tmp_path / "run")
@@ -379,16 +379,15 @@ def test_structural_warm_start_then_grpo(tmp_path):
     export = os.path.join(workdir, "warm_start", "export")
     model, _ = experiment.build_model(experiment.after_warm_start(config, os.path.join(workdir, "warm_start")), export)
     # ... and with the <ent>/<tst> embedding rows the warm start trained (not re-initialised to the mean).
-    weights = safetensors_io.SafetensorsFile(os.path.join(export, "model.safetensors"))
-    trained = weights.get("model.embed_tokens.weight" if "model.embed_tokens.weight" in weights.keys() else
-                          next(k for k in weights.keys() if k.endswith("embed_tokens.weight")))
+    weights = read_safetensors(os.path.join(export, "model.safetensors"))
+    trained = weights["model.embed_tokens.weight"]
     tokenizer = load_tokenizer(export)
     rows = [tokenizer.ent_id, tokenizer.tst_id]
     np.testing.assert_array_equal(np.asarray(model.llm.decoder.embed_tokens[...])[rows], trained[rows])
     assert not np.allclose(trained[rows[0]], trained[: tokenizer.base_vocab_size].mean(0))
-    stored = safetensors_io.SafetensorsFile(os.path.join(export, experiment.HEADS_FILE))
+    stored = read_safetensors(os.path.join(export, experiment.HEADS_FILE))
     for key, variable in nnx.to_flat_state(nnx.state(model.heads)):
-        want = stored.get(".".join(map(str, key)))
+        want = stored[".".join(map(str, key))]
         np.testing.assert_array_equal(np.asarray(variable.get_value()), want.reshape(variable.get_value().shape))
 
 
