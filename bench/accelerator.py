@@ -255,7 +255,7 @@ def build(method: str, preset: str, layers: int | None, args):
         model = nnx.eval_shape(make)
         if method == "grpo":
             # GRPO.start copies the weights for the reference policy; an abstract model has none to copy.
-            objective.start = lambda model: None
+            objective.start = lambda model, mesh: None
         # Two rows standing for <ent> / <tst> (only their count matters to the compiled step).
         new_rows = [model_config.text.vocab_size - 2, model_config.text.vocab_size - 1]
         trainer = Trainer(model, objective, TrainerConfig.from_config(config), new_rows)

@@ -101,6 +101,11 @@ def get_config(arg=None):
     config.grpo.grounding_prob = 0.8
     config.grpo.inversion_tasks = ("verb_completion", "action_recognition", "video_description")
     config.grpo.iou = "plain"
+    # Reward names (jaxgrounding.tasks.rewards' registry, where `register_reward` adds a user's own), summed per
+    # completion over those that apply to its task. (): the answer format's own, Invert4TVG's five for
+    # "timestamps" (IoU + format for grounding, each inversion task's + format) and "structural_iou" +
+    # "structural_format" for "structural".
+    config.grpo.rewards = ()
 
     config.train.batch_size = 4
     config.train.steps = 150

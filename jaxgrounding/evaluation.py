@@ -60,12 +60,14 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     prompts = _PromptTransform(encoder)
     pipeline = settings.pipeline_config(config, train=False, batch_size=config.eval.batch_size)
     pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1)  # the share is cut below
-    batches = data_lib.make_pipeline(samples[index::count], pipeline, prompts)
+    share = samples[index::count]
+    # A process whose share is empty (fewer samples than processes) grounds nothing and still meets the others.
+    batches = data_lib.make_pipeline(share, pipeline, prompts) if share else []
     primary = index == 0
     rows = []
     iterator = iter(batches)
     rng = jax.random.key(config.seed)
-    with tqdm.tqdm(total=len(samples[index::count]), desc="evaluate", unit="sample", disable=not primary) as bar:
+    with tqdm.tqdm(total=len(share), desc="evaluate", unit="sample", disable=not primary) as bar:
         for batch in iterator:
             rng, key = jax.random.split(rng)
             predictions = predict(model, batch, tokenizer, config, key)
@@ -127,7 +129,8 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
         asked = share if task == "grounding" else [s for s in share if inversion.applicable(task, s)]
         by_id = {s.id: s for s in asked}
         with tqdm.tqdm(total=len(asked), desc=f"evaluate {task}", unit="sample", disable=index != 0) as bar:
-            for batch in data_lib.make_pipeline(asked, pipeline, transform):
+            # A process may hold no sample of a task (its share has no verb to recover): it asks nothing.
+            for batch in data_lib.make_pipeline(asked, pipeline, transform) if asked else []:
                 rng, key = jax.random.split(rng)
                 texts = inference.generate_answers(model, batch, tokenizer, tuple(config.data.frame_size), sampling_config, key)
                 for b, text in zip(np.flatnonzero(batch["valid"]), texts):

@@ -204,6 +204,18 @@ def global_batch(arrays: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> d
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in arrays.items()}
 
 
+def local_rows(x) -> np.ndarray:
+    """This process's rows of `x`, whose leading axis is the global batch laid out as `global_batch` lays it out
+    (process p's rows are the p-th of `process_count` equal blocks), on the host. An array of several processes is
+    gathered whole first (a collective: every process must call it); meant for small per-row results (tokens,
+    log-probs), not for activations."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    whole = multihost_utils.process_allgather(x, tiled=True)
+    n = whole.shape[0] // jax.process_count()
+    return whole[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+
 def replicated(x, mesh: jax.sharding.Mesh) -> jax.Array:
     """A global array replicated on every device of `mesh` from a host value every process
     holds identically (a PRNG key's data, a step number). `jax.device_put` cannot do this on

@@ -31,7 +31,6 @@ def micro_config(data_root):
     config.train.steps = 4
     config.train.log_every = 1
     config.train.checkpoint_every = 2
-    config.train.export = False
     config.eval.batch_size = 2
     config.sampling.max_new_tokens = 8
     config.mesh.fsdp = 2  # data parallel over 2 of the 8 test devices
@@ -80,8 +79,8 @@ def test_ground_command_streams(run, tmp_path):
 
 
 def test_two_processes_train_like_one(run):
-    """Streamed steps on process-local rows (the coarse-to-fine draws and the padded shapes agree across processes)
-    and coarse-to-fine evaluation shared between two processes. Checkpoints across process counts: the MeCo test."""
+    """Streamed steps on process-local rows (the coarse-to-fine draws and the padded shapes agree across processes),
+    coarse-to-fine evaluation shared between two processes, and the export of parameters sharded across them. Checkpoints across process counts: the MeCo test."""
     root, workdir, result = run
     check_two_processes_train_like_one(
         "timescope", root, workdir, result, micro_config(root / "data"), evaluate=True, across_process_counts=False

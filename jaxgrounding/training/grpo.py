@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 import zlib
@@ -82,6 +81,7 @@ class GRPOConfig:
     grounding_prob: float  # probability that a step is a grounding step (else an inversion task)
     inversion_tasks: tuple[str, ...]
     iou: str  # "plain" | "distance_weighted"
+    rewards: tuple[str, ...]  # registered reward names, summed per completion over those that apply
     thinking: bool  # the grounding prompt asks for <think> reasoning first
     seed: int
     # "timestamps": Time-R1's text answer; "structural": MeCo's, its windows read through `assignment`.
@@ -228,14 +228,31 @@ class GRPO:
         self.end_ids = tuple(int(i) for i in end_ids)
         self.buckets = buckets  # of the prompt arrays: text length and temporal grids, so shapes repeat
         self.updates_per_batch = config.num_iterations
+        unknown = [name for name in config.rewards if name not in rewards.REWARDS]
+        if unknown:
+            raise ValueError(
+                f"grpo.rewards names {unknown}, not registered: known {sorted(rewards.REWARDS)} "
+                "(jaxgrounding.tasks.rewards.register_reward adds one)"
+            )
         self.reference = None  # full fine-tuning: the starting weights, copied (see `start`)
         self._uses_lora = False
+        self.mesh = None
 
     # --- Objective protocol --------------------------------------------------------------------------------------
 
-    def start(self, model: GroundingModel) -> None:
+    def start(self, model: GroundingModel, mesh=None) -> None:
         """Before the first step: the reference policy. With LoRA it is the base weights (adapters off);
-        otherwise a copy of the starting weights (the trainer donates, and so overwrites, its own)."""
+        otherwise a copy of the starting weights (the trainer donates, and so overwrites, its own). `mesh`: where
+        the rollouts and the scoring run; with several processes they take every process's rows as one global
+        batch, as the update does (each process then reads back its own rows)."""
+        if jax.process_count() > 1 and (self.config.streaming is not None or self.config.answer_format != "timestamps"):
+            raise ValueError(
+                "GRPO on several processes runs the whole-prompt timestamp answer: over the streamed memory "
+                "(a `streaming` section) or with answer.format = 'structural' it runs on one process only"
+            )
+        if jax.process_count() > 1 and mesh is None:
+            raise ValueError("GRPO on several processes needs the training mesh")
+        self.mesh = mesh
         self._uses_lora = any(
             getattr(m, "lora_a", None) is not None for _, m in nnx.iter_graph(model)
         )
@@ -268,6 +285,7 @@ class GRPO:
         arrays, gen = self._rollout(model, arrays, step)
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
         rollout_seconds = time.perf_counter() - tick
+        rows = len(arrays["valid"]) * jax.process_count()  # prompts of the global batch
 
         g = config.num_samples
         texts = [self._text(tokens[r], lengths[r]) for r in range(tokens.shape[0])]
@@ -278,7 +296,7 @@ class GRPO:
             )
             windows = chosen_windows(predictions)
         scores = self._rewards(tasks, samples, texts, len(batch["valid"]), windows)
-        totals = np.nan_to_num(sum(s for s in scores.values()), nan=0.0)
+        totals = reward_totals(scores)
         valid_rows = np.repeat(arrays["valid"], g)
         advantages, zero_std = grpo_lib.group_advantages(
             jnp.asarray(totals, jnp.float32),
@@ -292,29 +310,39 @@ class GRPO:
             "completion_ids": tokens.astype(np.int32),
             "completion_mask": mask,
             "advantages": advantages,
-            # The token count of the whole rollout batch ("dapo" normalises by it across micro-batches).
-            "num_items": np.full((tokens.shape[0],), mask.sum(), np.float32),
+            # The token count of the whole rollout batch, every process's ("dapo" normalises by it across
+            # micro-batches and processes).
+            "num_items": np.full((tokens.shape[0],), _every_process(np.asarray([mask.sum()])).sum(), np.float32),
         }
         zeros = np.zeros(tokens.shape, np.float32)
         graphdef, state = nnx.split(model)
-        plan, streamed = self._plan(arrays, len(arrays["valid"]))
-        score = functools.partial(_score, num_samples=g, temperature=config.temperature, streamed=streamed)
-        arrays["old_logps"] = (
-            np.asarray(score(graphdef, state, arrays, plan, base=False)) if config.num_iterations > 1 else zeros
-        )
+        plan, streamed = self._plan(arrays, rows)
+        on_mesh = self._global(arrays)
+
+        def score(state, base):
+            return parallel.local_rows(
+                _score(graphdef, state, on_mesh, plan, num_samples=g, temperature=config.temperature, base=base,
+                       streamed=streamed)
+            )
+
+        arrays["old_logps"] = score(state, base=False) if config.num_iterations > 1 else zeros
         if config.beta and self._uses_lora:
-            arrays["ref_logps"] = np.asarray(score(graphdef, state, arrays, plan, base=True))
+            arrays["ref_logps"] = score(state, base=True)
         elif config.beta:
-            arrays["ref_logps"] = np.asarray(score(graphdef, self.reference, arrays, plan, base=False))
+            arrays["ref_logps"] = score(self.reference, base=False)
         else:
             arrays["ref_logps"] = zeros
 
+        # Logged over the global batch: every process's rows.
+        totals, valid_rows, lengths, tokens = (_every_process(x) for x in (totals, valid_rows, lengths, tokens))
+        zero_std, prompt_valid = _every_process(np.asarray(zero_std)), _every_process(arrays["valid"])
+        scores = {name: _every_process(values) for name, values in scores.items()}
         real = valid_rows
         metrics = {
             f"task_{task}": float(np.mean([t == task for t in tasks])),
             "reward": float(totals[real].mean()),
             "reward_std": float(totals[real].std()),
-            "frac_reward_zero_std": float(np.asarray(zero_std)[arrays["valid"]].mean()),
+            "frac_reward_zero_std": float(zero_std[prompt_valid].mean()),
             "completion_length": float(lengths[real].mean()),
             "completion_length_max": float(lengths[real].max()),
             "truncated_fraction": float((~np.isin(tokens[real, -1], self.end_ids) & (lengths[real] == tokens.shape[1])).mean()),
@@ -373,11 +401,14 @@ class GRPO:
         generate = dict(end_ids=self.end_ids, rng=jax.random.fold_in(jax.random.key(config.seed), step))
         frame_size = self.encoder.config.frame_size
         if config.streaming is None:
-            arrays = device_batch(arrays)
-            inputs = batch_inputs(arrays, self.model_config, batch_plan(arrays, self.model_config, frame_size))
+            # Shapes agreed first: every process's rows form one global batch.
+            arrays = parallel.agree_shapes(device_batch(arrays))
+            plan = batch_plan(arrays, self.model_config, frame_size, batch_size=len(arrays["valid"]) * jax.process_count())
+            inputs = batch_inputs(self._global(arrays), self.model_config, plan)
             if config.answer_format == "structural":  # the states the structural tokens are read through
                 generate |= dict(hidden_layers=(-2,), prompt_layers=(-1,))
-            return arrays, sampling.generate(model.llm, inputs, sampling_config, num_samples=config.num_samples, **generate)
+            gen = sampling.generate(model.llm, inputs, sampling_config, num_samples=config.num_samples, **generate)
+            return arrays, jax.tree.map(parallel.local_rows, gen)
         streamed = streaming_lib.split_batch(arrays, self.model_config, config.streaming, frame_size)
         streamed["valid"] = arrays["valid"]
         video = streaming_lib.stream_prompt(model.llm, streamed, config.streaming, frame_size)
@@ -387,6 +418,11 @@ class GRPO:
             model.llm, question, sampling_config, num_samples=config.num_samples, memory=context, **generate
         )
         return device_batch(streamed), gen
+
+    def _global(self, arrays: dict) -> dict:
+        """The host arrays as the jitted rollout and scoring take them: this process's rows as they are on one
+        process; on several, global arrays of every process's rows (`parallel.global_batch`)."""
+        return arrays if jax.process_count() == 1 else parallel.global_batch(arrays, self.mesh)
 
     # --- Host side -----------------------------------------------------------------------------------------------
 
@@ -431,8 +467,9 @@ class GRPO:
         """{reward name: [B * G] float, NaN where it does not apply (padding rows, other tasks)}. `windows`: per
         row, the ranked windows of a structural answer."""
         g = self.config.num_samples
-        structural = self.config.answer_format == "structural"
-        out: dict[str, np.ndarray] = {}
+        names = self.config.rewards
+        # Every name, applicable or not: every process holds the same components (they are gathered to be logged).
+        out = {name: np.full((batch_size * g,), np.nan) for name in names}
         for p, (task, sample) in enumerate(zip(tasks, samples)):
             for k in range(g):
                 r = p * g + k
@@ -440,7 +477,7 @@ class GRPO:
                     texts[r],
                     sample,
                     task,
-                    names=rewards.STRUCTURAL_REWARDS if structural else rewards.DEFAULT_REWARDS,
+                    names=names,
                     thinking=self.config.thinking,
                     distance_weighted=self.config.iou == "distance_weighted",
                     windows=None if windows is None else windows[r],
@@ -449,11 +486,24 @@ class GRPO:
         return out
 
 
+def reward_totals(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row, the sum of the rewards that apply to it (NaN: does not apply). Rows of different tasks share a
+    batch when a sample cannot pose the step's inversion task and grounds instead, so no component applies to every
+    row; a padding row, with none, totals 0."""
+    return np.nansum(np.stack(list(scores.values())), axis=0)
+
+
 def chosen_windows(predictions) -> list:
     """Per completion, the ranked (start, end) windows its structural tokens chose (None for padding rows). The
     whole-video fallback of an answer without any is left out: it would earn the IoU of guessing the whole video
     and so reward answers without the format."""
     return [None if p is None else [(w.start, w.end) for w in p.windows if w.token_index >= 0] for p in predictions]
+
+
+def _every_process(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of `x` (same shape everywhere), concatenated in process order; `x` on one process."""
+    x = np.asarray(x)
+    return x if jax.process_count() == 1 else parallel.host_allgather(x).reshape(-1, *x.shape[1:])
 
 
 def _every_process_has_prompts(prompts: list, step: int) -> bool:
@@ -486,6 +536,8 @@ def grpo_config(config) -> GRPOConfig:
         grounding_prob=g.grounding_prob,
         inversion_tasks=tuple(g.inversion_tasks),
         iou=g.iou,
+        rewards=tuple(g.rewards)
+        or (rewards.STRUCTURAL_REWARDS if config.answer.format == "structural" else rewards.DEFAULT_REWARDS),
         thinking=config.answer.thinking,
         seed=config.seed,
         answer_format=config.answer.format,

@@ -127,8 +127,8 @@ class SFT:
         self.model_config = model_config
         self.frame_size = tuple(frame_size)
 
-    def start(self, model: GroundingModel) -> None:
-        del model
+    def start(self, model: GroundingModel, mesh=None) -> None:
+        del model, mesh
 
     def host_arrays(self, batch: dict, step: int, policy=None, skip=None) -> tuple[dict, dict]:
         # Supervised: the batch alone, prepared (streamed cut and augmentation included) and its failures counted

@@ -2,7 +2,8 @@
 
 A method (SFT: MeCo's LM + L_ST, TimeScope's streamed version; GRPO: Invert4TVG) is an `Objective`:
 
-- `start(model)`: once, before the first step (GRPO keeps its reference policy);
+- `start(model, mesh)`: once, before the first step (GRPO keeps its reference policy and the mesh its rollouts
+  run on);
 - `host_arrays(batch, step, policy, skip)`: this process's rows of the global batch -> (numeric host arrays, host
   metrics): the method's host-side work, e.g. GRPO's rollouts with the current model `policy()`, rewards and
   advantages (SFT's batches arrive ready: per-sample preparation, streamed cuts included, is the pipeline's).
@@ -48,7 +49,7 @@ class Loss(Protocol, Hashable):
 class Objective(Protocol):
     updates_per_batch: int
 
-    def start(self, model: GroundingModel) -> None: ...
+    def start(self, model: GroundingModel, mesh: jax.sharding.Mesh | None) -> None: ...
 
     def host_arrays(
         self, batch: dict, step: int, policy: Callable[[], GroundingModel], skip: Callable | None = None
@@ -106,7 +107,7 @@ class Trainer:
         self.objective = objective
         self.config = config
         self.mesh = mesh
-        objective.start(model)
+        objective.start(model, mesh)
         self.graphdef, self.trainable, self.frozen = nnx.split(model, optim.trainable_filter(config.trainable), ...)
         if not jax.tree.leaves(self.trainable):
             raise ValueError("nothing to train: the trainable filter selected no parameters")

@@ -19,10 +19,17 @@ from jaxgrounding.grounding_model import batch_inputs, batch_plan
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.objectives.lm import lm_head_matrix, token_logprobs
-from jaxgrounding.tasks import timestamps
+from jaxgrounding.tasks import rewards, timestamps
 from jaxgrounding.tasks.encoding import ChatEncoder, EncoderConfig
 from jaxgrounding.train import train_and_evaluate
 from jaxgrounding.training import experiment, grpo
+
+
+@rewards.register_reward("test_length_mod_3")
+def _length_mod_3(text, sample, task, **_):
+    """A stand-in reward that varies within a group: a micro model earns none of the real rewards, and with every
+    group's rewards equal the advantages, the loss and the policy's moves would all be zero."""
+    return float(len(text) % 3)
 
 
 def micro_config(data_root):
@@ -43,6 +50,7 @@ def micro_config(data_root):
     config.grpo.max_new_tokens = 6
     config.grpo.num_iterations = 2
     config.grpo.grounding_prob = 0.5  # both kinds of step within four
+    config.grpo.rewards = rewards.DEFAULT_REWARDS + ("test_length_mod_3",)
     config.sampling.max_new_tokens = 6
     config.eval.batch_size = 2
     # One device: a resumed GRPO step sharded over 2 virtual CPU devices deadlocks in XLA:CPU's in-process
@@ -231,6 +239,27 @@ def test_warm_start_then_grpo_then_evaluation(uninterrupted):
     assert rows and all("text" in r and "pred_windows" in r for r in rows)
 
 
+def test_two_processes_train_like_one(uninterrupted):
+    """GRPO as a pod runs it: each process rolls out its own prompts, but the rollouts, the old / reference scoring
+    and the updates run over the global batch on the shared mesh. Losses,
+    rewards (logged over every process's rows) and the evaluation equal one process's."""
+    from tests.multiprocess_train import check_two_processes_train_like_one
+
+    root, workdir, result = uninterrupted
+    two = root / "grpo_two_processes"
+    # The same warm start (the SFT path is tested on two processes in tests/test_train.py): only GRPO runs.
+    for name in ("warm_start", "eval_init"):
+        shutil.copytree(os.path.join(workdir, name), two / name)
+    check_two_processes_train_like_one(
+        "grpo", root, workdir, result, micro_config(root / "data"), evaluate=True, across_process_counts=False
+    )
+    one = _jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    two = _jsonl(os.path.join(str(root), "grpo_two_processes", "train_metrics.jsonl"))
+    for a, b in zip(one, two):
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 def test_warm_start_trains_time_pointers(uninterrupted, tmp_path):
     """The warm start's grounding examples ground the states that write the start and end numbers to the grids
     where the window starts and ends (an auxiliary L_ST, logged as st_loss)."""
@@ -274,3 +303,15 @@ def test_killed_grpo_run_resumes_exactly(uninterrupted):
     for step in (3, 4):
         for key in ("loss", "reward", "kl", "completion_length"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_a_rows_total_is_the_sum_of_the_rewards_that_apply_to_it():
+    """A grounding row (IoU + format) and a verb-completion row (its reward + format) in one batch, and a padding
+    row: NaN marks a reward that does not apply, and must not wipe out the rest of the row's."""
+    nan = np.nan
+    scores = {
+        "iou": np.array([0.5, nan, nan]),
+        "format": np.array([1.0, 1.0, nan]),
+        "verb_completion": np.array([nan, 1.0, nan]),
+    }
+    np.testing.assert_array_equal(grpo.reward_totals(scores), [1.5, 2.0, 0.0])

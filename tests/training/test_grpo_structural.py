@@ -25,6 +25,7 @@ from tests.training.test_grpo import _jsonl, micro_config
 def structural_config(data_root):
     config = micro_config(data_root)
     config.answer.format = "structural"
+    config.grpo.rewards = ()  # the format's own
     config.grpo.grounding_prob = 1.0
     config.warm_start.steps = 2
     config.train.steps = 1
