@@ -18,6 +18,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_device_count(count: int) -> str:
+    """XLA_FLAGS for a subprocess with `count` virtual CPU devices, the suite's other flags (tests/conftest.py) kept."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+    return " ".join([f"--xla_force_host_platform_device_count={count}"] + flags)
+
+
 def run_processes(method: str, data_root: str, runs: list[tuple[str, int | None]], count: int = 2) -> list[dict]:
     """Runs `count` processes over `runs` ([(workdir, stop_after or None)]); the results of process 0."""
     codes, outputs = start_processes(method, data_root, runs, count)
@@ -34,7 +40,7 @@ def start_processes(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=with_device_count(1), JAX_PLATFORMS="cpu")
     specs = [w if stop is None else f"{w}:{stop}" for w, stop in runs]
     procs = [
         subprocess.Popen(

@@ -536,7 +536,9 @@ def test_two_processes_save_and_restore_together(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    from tests.multiprocess_train import with_device_count
+
+    env = dict(os.environ, XLA_FLAGS=with_device_count(4), JAX_PLATFORMS="cpu")
     code = "import sys; from tests.training.test_checkpoint import _two_process_worker as w; w(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = [
