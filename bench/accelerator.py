@@ -211,6 +211,10 @@ def build(method: str, preset: str, layers: int | None, args):
         config.train.accumulate = args.accumulate
         if args.batch:
             config.train.batch_size = args.batch
+        if args.lora_rank:  # LoRA on the recipe's targets instead of its trainable weights (GRPO: full)
+            config.trainable.llm = "lora"
+            config.lora.rank = args.lora_rank
+            config.lora.alpha = 2.0 * args.lora_rank
 
     def make():  # jaxgrounding.training.experiment.build_model, on an abstract model
         llm = VideoLLM(model_config, rngs=nnx.Rngs(0))
@@ -245,6 +249,7 @@ def build(method: str, preset: str, layers: int | None, args):
         "batch": rows,
         "frame_size": list(config.data.frame_size),
         "trainable": config.trainable.llm,
+        **({"lora_rank": config.lora.rank} if config.trainable.llm == "lora" else {}),
         "param_dtype": str(jax.numpy.dtype(param_dtype)),
         "compute_dtype": str(jax.numpy.dtype(compute_dtype)),
         "attention": args.attention,
@@ -531,6 +536,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the recipe's train.batch_size)")
     parser.add_argument(
         "--attention", default="xla", help="model.attention (xla | blocked | splash_interpret | cudnn | splash)"
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: the recipe's trainable weights)"
     )
     parser.add_argument("--no-time", action="store_true", help="compile only, also on a GPU / TPU")
     parser.add_argument("--time-on-cpu", action="store_true", help="run the timing path on CPU (smoke check)")

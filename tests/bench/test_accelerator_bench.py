@@ -38,6 +38,21 @@ def test_quick_run_prints_the_compiled_memory_of_a_train_step():
     assert line["reference_bytes"] == line["params_bytes"]  # GRPO's reference copy, outside the step
 
 
+def test_lora_run_trains_the_adapters_only():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--methods", "grpo", "--no-time", "--lora-rank", "4"],
+        capture_output=True, text=True, env=env, timeout=600, check=True,
+    )
+    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert (line["trainable"], line["lora_rank"]) == ("lora", 4)
+    # Adam's moments cover what trains (adapters, new token rows, the tiny tower), not the frozen base weights:
+    # under full fine-tuning they are at least twice the parameters (the test above).
+    assert 0 < line["opt_state_bytes"] < 2 * line["params_bytes"]
+    assert "reference_bytes" not in line  # the reference policy is the base with the adapters off
+
+
 def test_extrapolation_is_the_line_through_two_depths():
     bench = _bench()
     low = {"layers": 2} | {k: 100 + 10 * 2 for k in bench.FIELDS}
