@@ -9,9 +9,10 @@ For each prompt (a batch from `StructuralEncoder.encode_prompt` through the pipe
    using the true timestamps of the sampled frames.
 
 `predict_streaming` is TimeScope's coarse-to-fine version: the video is streamed into memory
-(`memory.streaming`), the coarse stage answers over the HVR of the whole video, the fine stage
-reloads the DVR of the segments around the coarse window and answers again, assigning frames
-inside the reloaded region only.
+(`memory.streaming`), the coarse stage answers over the HVR of the whole video and reads its
+windows at the HVR's resolution (frame states pooled like it, `coarse_to_fine.hvr_frames`), the
+fine stage reloads the DVR of the segments around the coarse window and answers again, assigning
+single frames inside the reloaded region only.
 """
 
 from __future__ import annotations
@@ -201,7 +202,12 @@ def predict_streaming(
     context = streaming.answer_memory(layout, streamed.memory)
     generate = dict(end_ids=_end_ids(tokenizer), hidden_layers=(-2,))
     gen = sampling.generate(llm, suffix, sampling_config, rng=coarse_key, memory=context, **generate)
-    coarse = _read(model, batch, tokenizer, assignment, gen, frame_states, frame_valid)
+    r = streaming_config.hvr.temporal
+    slot_states, slot_valid, slot_times, slot_duration = coarse_to_fine.hvr_frames(
+        np.asarray(frame_states), np.asarray(frame_valid), batch["grid_times"], batch["grid_duration"], r
+    )
+    slots = dict(valid=batch["valid"], duration=batch["duration"], grid_times=slot_times, grid_duration=slot_duration)
+    coarse = _read(model, slots, tokenizer, assignment, gen, jnp.asarray(slot_states), slot_valid)
     if not fine:
         return coarse
 
@@ -214,14 +220,15 @@ def predict_streaming(
         if not prediction.windows:
             continue  # nothing to refine: the coarse answer stands
         frames = int(frame_valid[row].sum())
+        grid_times = np.asarray(batch["grid_times"][row][:frames], np.float64)
         spans = coarse_to_fine.segment_spans(
-            prediction.frame_times, prediction.frame_duration, streaming_config.segment_frames, n
+            grid_times, float(batch["grid_duration"][row]), streaming_config.segment_frames, n
         )
         top = prediction.windows[0]
         scores = None
-        if top.token_index >= 0:  # the top token's softmax over time: where the coarse stage is most confident
+        if top.token_index >= 0:  # the top token's softmax over the slots: where the coarse stage is most confident
             probabilities = time_softmax(prediction.similarity)[top.token_index]
-            scores = coarse_to_fine.segment_scores(probabilities, streaming_config.segment_frames, n)
+            scores = coarse_to_fine.segment_scores(probabilities, streaming_config.segment_frames // r, n)
         segments, capped[row] = coarse_to_fine.reload_segments((top.start, top.end), spans, c2f, scores)
         chosen[row, : segments.size] = segments
         for k in segments:

@@ -53,6 +53,10 @@ def test_streamed_training_evaluates_coarse_and_fine(run):
     for row in rows:
         assert {"coarse_windows", "reloaded_segments", "pred_windows", "reload_capped", "coarse_score"} <= set(row)
         assert len(row["reloaded_segments"]) <= 2 and 0.0 <= row["coarse_score"] <= 1.0
+        # The coarse stage reads windows at the HVR's resolution: slots of hvr_temporal = 2 grids of 2 s.
+        for start, end in row["coarse_windows"]:
+            assert start % 4.0 == pytest.approx(0.0) and (end % 4.0 == pytest.approx(0.0) or end == row["duration"])
+    assert any(row["coarse_windows"] for row in rows)
     for prefix, key in (("", "pred_windows"), ("coarse_", "coarse_windows")):
         again = metrics.grounding_metrics([r[key] for r in rows], [r["gt_windows"] for r in rows], inclusive=True)
         for name, value in again.items():

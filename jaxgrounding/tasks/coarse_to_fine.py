@@ -78,6 +78,29 @@ def reload_segments(interval, spans: np.ndarray, config: CoarseToFineConfig, sco
     return np.sort(overlapping[order[: config.max_reload_segments]]), True
 
 
+def hvr_frames(
+    frame_states: np.ndarray, frame_valid: np.ndarray, grid_times: np.ndarray, grid_duration: np.ndarray, temporal: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The frame states the coarse stage reads: the streamed frame states [B, F, E] pooled like the HVR, `temporal`
+    consecutive grids to one slot (segments hold a multiple of `temporal` grids, so slots never straddle two).
+
+    The coarse stage answers over the HVR: it attends to one pooled key per slot, and its windows are read at that
+    resolution too. Reading them from the per-grid states instead gives the coarse stage the detail only the DVR
+    holds, and leaves the fine stage nothing to add (measured: fine == coarse). Returns
+    (slot states [B, S, E], slot valid [B, S], slot start times [B, S], slot duration [B]), S = ceil(F / temporal);
+    a slot's state is the mean of its valid grids' states."""
+    b, f, e = frame_states.shape
+    slots = -(-f // temporal)
+    pad = slots * temporal - f
+    states = np.pad(np.asarray(frame_states, np.float32), ((0, 0), (0, pad), (0, 0)))
+    valid = np.pad(np.asarray(frame_valid, bool), ((0, 0), (0, pad)))
+    weights = valid.reshape(b, slots, temporal).astype(np.float32)
+    sums = (states.reshape(b, slots, temporal, e) * weights[..., None]).sum(axis=2)
+    counts = weights.sum(axis=2)
+    times = np.asarray(grid_times, np.float64)[:, ::temporal]
+    return sums / np.maximum(counts, 1.0)[..., None], counts > 0, times, np.asarray(grid_duration) * temporal
+
+
 def segment_scores(probabilities: np.ndarray, segment_frames: int, num_segments: int) -> np.ndarray:
     """[num_segments] the highest per-frame probability inside each segment (0 past the video):
     `probabilities` [F] is the coarse top window's token's softmax over time."""

@@ -84,3 +84,20 @@ def test_training_reloads_are_a_function_of_seed_epoch_and_sample():
 def test_segment_scores_take_each_segments_most_probable_frame():
     probabilities = np.array([0.1, 0.3, 0.05, 0.05, 0.4, 0.1])
     np.testing.assert_allclose(c2f.segment_scores(probabilities, 4, 3), [0.3, 0.4, 0.0])
+
+
+def test_hvr_frames_pool_the_valid_grids_of_each_slot():
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(2, 7, 3)).astype(np.float32)
+    valid = np.array([[True] * 7, [True] * 5 + [False] * 2])
+    times = np.tile(np.arange(7) * 2.0, (2, 1))
+    pooled, slot_valid, slot_times, slot_duration = c2f.hvr_frames(states, valid, times, np.array([2.0, 2.0]), 2)
+    assert pooled.shape == (2, 4, 3)
+    np.testing.assert_array_equal(slot_valid, [[True] * 4, [True, True, True, False]])
+    np.testing.assert_allclose(slot_times, [[0, 4, 8, 12]] * 2)
+    np.testing.assert_allclose(slot_duration, [4.0, 4.0])
+    for b in range(2):
+        for s in range(4):
+            grids = [f for f in (2 * s, 2 * s + 1) if f < 7 and valid[b, f]]
+            if grids:
+                np.testing.assert_allclose(pooled[b, s], states[b, grids].mean(axis=0), rtol=1e-6)
