@@ -138,6 +138,7 @@ def main(argv=None) -> list:
                     config.streaming.hvr_temporal = rate
                     config.streaming.hvr_spatial = spatial
                     config.eval.max_samples = 0
+                    config.eval.single_stage = False  # one causal pass does not depend on the HVR rate
                 try:
                     row = measure(config, args.workdir, samples, os.path.join(cache, f"r{rate}_s{spatial}"))
                 except ValueError as e:  # e.g. a spatial factor that does not divide the tokens of a frame

@@ -202,6 +202,9 @@ def get_config(arg=None):
     config.eval.batch_size = 16
     config.eval.max_samples = 0  # 0 = the whole split
     config.eval.inclusive = True  # R1@m counts IoU >= m (Invert4TVG) rather than > m (Time-R1)
+    # Streamed (TimeScope) evaluation also grounds each video in one causal pass over all of it, reported as
+    # `single_*` beside the coarse and fine stages; off for videos whose full prompt does not fit the device.
+    config.eval.single_stage = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1

@@ -21,6 +21,7 @@ from jaxgrounding.config import apply_presets
 LONG_VIDEO_RECIPE = meco.MECO_RECIPE | {
     "data.max_frames": 2048,  # 128 segments of 16 frames in the streaming buffer
     "encoder.max_tokens": 300_000,
+    "eval.single_stage": False,  # one causal pass over 2048 frames does not fit a device
 }
 
 PRESETS = {

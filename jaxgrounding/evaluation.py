@@ -71,7 +71,10 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
         for batch in iterator:
             rng, key = jax.random.split(rng)
             predictions = predict(model, batch, tokenizer, config, key)
-            for b, prediction in zip(np.flatnonzero(batch["valid"]), predictions):
+            # TimeScope's single-stage baseline: the same prompt in one causal pass over the whole video.
+            single = config.memory == "streaming" and config.eval.single_stage
+            singles = predict(model, batch, tokenizer, config, key, memory="full") if single else predictions
+            for b, prediction, one_pass in zip(np.flatnonzero(batch["valid"]), predictions, singles):
                 gt = batch["windows"][b][batch["windows_mask"][b]].tolist()
                 row = {
                     "id": str(batch["id"][b]),
@@ -86,6 +89,8 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                     row["reloaded_segments"] = prediction.reloaded
                     row["reload_capped"] = prediction.reload_capped
                     row["coarse_score"] = round(prediction.coarse.score, 5)
+                if single:
+                    row["single_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in one_pass.windows]
                 rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
@@ -95,11 +100,12 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     result = metrics.grounding_metrics(
         [r["pred_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
     )
-    if rows and "coarse_windows" in rows[0]:
-        coarse = metrics.grounding_metrics(
-            [r["coarse_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
-        )
-        result |= {f"coarse_{k}": v for k, v in coarse.items()}
+    for stage in ("coarse", "single"):
+        if rows and f"{stage}_windows" in rows[0]:
+            found = metrics.grounding_metrics(
+                [r[f"{stage}_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
+            )
+            result |= {f"{stage}_{k}": v for k, v in found.items()}
     result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
     if primary:
         _write_results(out_dir, rows, result)

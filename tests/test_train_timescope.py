@@ -46,7 +46,7 @@ def run(tmp_path_factory):
 
 def test_streamed_training_evaluates_coarse_and_fine(run):
     _, workdir, result = run
-    assert {"R1@0.5", "mIoU", "coarse_R1@0.5", "coarse_mIoU"} <= set(result)
+    assert {"R1@0.5", "mIoU", "coarse_R1@0.5", "coarse_mIoU", "single_R1@0.5", "single_mIoU"} <= set(result)
     with open(os.path.join(workdir, "eval", "predictions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == result["samples"] > 0
@@ -57,7 +57,7 @@ def test_streamed_training_evaluates_coarse_and_fine(run):
         for start, end in row["coarse_windows"]:
             assert start % 4.0 == pytest.approx(0.0) and (end % 4.0 == pytest.approx(0.0) or end == row["duration"])
     assert any(row["coarse_windows"] for row in rows)
-    for prefix, key in (("", "pred_windows"), ("coarse_", "coarse_windows")):
+    for prefix, key in (("", "pred_windows"), ("coarse_", "coarse_windows"), ("single_", "single_windows")):
         again = metrics.grounding_metrics([r[key] for r in rows], [r["gt_windows"] for r in rows], inclusive=True)
         for name, value in again.items():
             assert result[prefix + name] == pytest.approx(value)
