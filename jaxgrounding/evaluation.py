@@ -17,6 +17,7 @@ import tqdm
 
 from jaxgrounding import data as data_lib
 from jaxgrounding import inference, metrics, paths, settings
+from jaxgrounding.data import synthetic_scenes
 from jaxgrounding.grounding_model import GroundingModel
 from jaxgrounding.inference import AssignmentConfig
 from jaxgrounding.memory.layout import StreamingConfig
@@ -106,10 +107,28 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                 [r[f"{stage}_windows"] for r in rows], [r["gt_windows"] for r in rows], inclusive=config.eval.inclusive
             )
             result |= {f"{stage}_{k}": v for k, v in found.items()}
+    result |= _by_phrasing(rows, samples, config.eval.inclusive)
     result |= {"samples": len(rows), "skipped_videos": len(skipped), "inclusive": bool(config.eval.inclusive)}
     if primary:
         _write_results(out_dir, rows, result)
     return result
+
+
+def _by_phrasing(rows: list[dict], samples, inclusive: bool) -> dict:
+    """`explicit_*` and `task_oriented_*` figures of the predicted windows when every query is one the synthetic
+    set wrote (its phrasing is known; TimeScope reports the two kinds of query apart), else nothing."""
+    phrasing = {s.id: synthetic_scenes.query_phrasing(s.query) for s in samples}
+    if not rows or not all(phrasing.get(r["id"]) for r in rows):
+        return {}
+    out = {}
+    for name in ("explicit", "task_oriented"):
+        subset = [r for r in rows if phrasing[r["id"]] == name]
+        if subset:
+            found = metrics.grounding_metrics(
+                [r["pred_windows"] for r in subset], [r["gt_windows"] for r in subset], inclusive=inclusive
+            )
+            out |= {f"{name}_{k}": v for k, v in found.items()} | {f"{name}_samples": len(subset)}
+    return out
 
 
 def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str, config, out_dir: str) -> dict:

@@ -57,6 +57,8 @@ def test_streamed_training_evaluates_coarse_and_fine(run):
         for start, end in row["coarse_windows"]:
             assert start % 4.0 == pytest.approx(0.0) and (end % 4.0 == pytest.approx(0.0) or end == row["duration"])
     assert any(row["coarse_windows"] for row in rows)
+    # Synthetic queries: the figures are also split by phrasing, and the two parts hold every sample.
+    assert result.get("explicit_samples", 0) + result.get("task_oriented_samples", 0) == result["samples"]
     for prefix, key in (("", "pred_windows"), ("coarse_", "coarse_windows"), ("single_", "single_windows")):
         again = metrics.grounding_metrics([r[key] for r in rows], [r["gt_windows"] for r in rows], inclusive=True)
         for name, value in again.items():

@@ -17,6 +17,7 @@ window and stays there, so that finding the window means comparing frames across
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 
@@ -345,6 +346,27 @@ class EventText:
     query: str
     caption: str
     verbs: tuple[str, ...]
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A template as a regular expression: its fields match any text, the rest literally."""
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile(".+".join(re.escape(p) for p in parts) + r"\Z")
+
+
+_PHRASINGS = {
+    "explicit": [_template_pattern(t) for t in _EXPLICIT.values()],
+    "task_oriented": [_template_pattern(t) for t in _TASK.values()],
+}
+
+
+def query_phrasing(query: str) -> str | None:
+    """"explicit" or "task_oriented" (TimeScope's ToTG phrasing: the query names a need, not the action) for a
+    query this module wrote, None for any other text: evaluation splits its figures by it."""
+    for name, patterns in _PHRASINGS.items():
+        if any(p.match(query) for p in patterns):
+            return name
+    return None
 
 
 def describe(scene: Scene, event: Event, rng: np.random.Generator, task_phrasing: float) -> EventText:

@@ -164,3 +164,14 @@ def test_long_video_mode_renders_hundreds_of_frames():
     scene = scenes.sample_scene(np.random.default_rng(0), config.scene)
     assert scene.num_frames >= 300
     assert scenes.render(scene).shape == (scene.num_frames, 64, 64, 3)
+
+
+def test_query_phrasing_names_the_template_family_that_wrote_a_query():
+    from jaxgrounding.data import synthetic_scenes as scenes
+
+    fields = {"obj": "red square", "direction": "left", "new_colour": "blue", "colour": "red"}
+    for kind in scenes.EVENT_KINDS:
+        assert scenes.query_phrasing(scenes._EXPLICIT[kind].format(**fields)) == "explicit"
+        assert scenes.query_phrasing(scenes._TASK[kind].format(**fields)) == "task_oriented"
+    assert scenes.query_phrasing("a person opens the door.") is None
+    assert scenes.query_phrasing("when is the red square bigger? and more") is None
