@@ -68,12 +68,12 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     rows = []
     iterator = iter(batches)
     rng = jax.random.key(config.seed)
+    # TimeScope's single-stage baseline: the same prompt in one causal pass over the whole video.
+    single = config.memory == "streaming" and config.eval.single_stage
     with tqdm.tqdm(total=len(share), desc="evaluate", unit="sample", disable=not primary) as bar:
         for batch in iterator:
             rng, key = jax.random.split(rng)
             predictions = predict(model, batch, tokenizer, config, key)
-            # TimeScope's single-stage baseline: the same prompt in one causal pass over the whole video.
-            single = config.memory == "streaming" and config.eval.single_stage
             singles = predict(model, batch, tokenizer, config, key, memory="full") if single else predictions
             for b, prediction, one_pass in zip(np.flatnonzero(batch["valid"]), predictions, singles):
                 gt = batch["windows"][b][batch["windows_mask"][b]].tolist()
@@ -81,17 +81,17 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
                     "id": str(batch["id"][b]),
                     "duration": float(batch["duration"][b]),
                     "gt_windows": [[round(s, 3), round(e, 3)] for s, e in gt],
-                    "pred_windows": [[round(w.start, 3), round(w.end, 3)] for w in prediction.windows],
+                    "pred_windows": _rounded(prediction.windows),
                     "scores": [round(float(w.score), 5) for w in prediction.windows],
                     "text": prediction.text,
                 }
                 if prediction.coarse is not None:
-                    row["coarse_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in prediction.coarse.windows]
+                    row["coarse_windows"] = _rounded(prediction.coarse.windows)
                     row["reloaded_segments"] = prediction.reloaded
                     row["reload_capped"] = prediction.reload_capped
                     row["coarse_score"] = round(prediction.coarse.score, 5)
                 if single:
-                    row["single_windows"] = [[round(w.start, 3), round(w.end, 3)] for w in one_pass.windows]
+                    row["single_windows"] = _rounded(one_pass.windows)
                 rows.append(row)
             bar.update(len(predictions))
     skipped = [list(s) for s in iterator.skipped] if hasattr(iterator, "skipped") else []
@@ -112,6 +112,11 @@ def evaluate(model: GroundingModel, tokenizer, samples, checkpoint: str, config,
     if primary:
         _write_results(out_dir, rows, result)
     return result
+
+
+def _rounded(windows) -> list[list[float]]:
+    """Predicted windows as predictions.jsonl stores them: [start, end] seconds to the millisecond."""
+    return [[round(w.start, 3), round(w.end, 3)] for w in windows]
 
 
 def _by_phrasing(rows: list[dict], samples, inclusive: bool) -> dict:
