@@ -8,6 +8,7 @@ ground commands; it knows nothing of training.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 
@@ -151,12 +152,20 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
     share = samples[index::count]
     rows = {s.id: {"id": s.id, "duration": round(s.duration, 3), "gt_windows": [list(w) for w in s.windows]} for s in share}
     rng = jax.random.key(config.seed)
-    for task in tasks:
-        transform = _AnswerPrompt(encoder, task, thinking)
+    # The shuffled-video control asks every grounding question again over another video of the same length.
+    swaps = video_swaps(samples) if config.eval.shuffled_video else {}
+    passes = ("grounding",) + (("shuffled_video",) if swaps else ()) + tasks[1:]
+    for task in passes:
+        transform = _AnswerPrompt(encoder, "grounding" if task == "shuffled_video" else task, thinking)
         pipeline = settings.pipeline_config(config, train=False, batch_size=config.eval.batch_size)
         pipeline = dataclasses.replace(pipeline, shard_index=0, shard_count=1, buckets=settings.prompt_buckets(config))
         # An inversion task is scored on the samples that have an answer for it (a verb to recover).
-        asked = share if task == "grounding" else [s for s in share if inversion.applicable(task, s)]
+        if task == "grounding":
+            asked = share
+        elif task == "shuffled_video":
+            asked = [swaps[s.id] for s in share if s.id in swaps]
+        else:
+            asked = [s for s in share if inversion.applicable(task, s)]
         by_id = {s.id: s for s in asked}
         with tqdm.tqdm(total=len(asked), desc=f"evaluate {task}", unit="sample", disable=index != 0) as bar:
             # A process may hold no sample of a task (its share has no verb to recover): it asks nothing.
@@ -166,9 +175,10 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
                 for b, text in zip(np.flatnonzero(batch["valid"]), texts):
                     row = rows[str(batch["id"][b])]
                     sample = by_id[row["id"]]
-                    if task == "grounding":
+                    if task in ("grounding", "shuffled_video"):
                         window = timestamps.parse_answer(text)
-                        row |= {"text": text, "pred_windows": [] if window is None else [[round(window[0], 3), round(window[1], 3)]]}
+                        answer = {"text": text, "pred_windows": [] if window is None else [[round(window[0], 3), round(window[1], 3)]]}
+                        row |= answer if task == "grounding" else {task: answer | {"video": sample.video}}
                     else:
                         value = rewards.task_rewards(text, sample, task, thinking=thinking)[task]
                         row[task] = {"text": text, "correct": bool(value > 0)}
@@ -184,6 +194,7 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
             if k != "mIoU" or inclusive:
                 result[k + suffix] = v
     result["parse_failures"] = 100.0 * sum(not p for p in preds) / max(len(rows), 1)
+    result |= shuffled_video_metrics(rows)
     for task in tasks[1:]:
         scored = [r[task]["correct"] for r in rows if task in r]
         result[f"{task}_accuracy"] = 100.0 * sum(scored) / max(len(scored), 1)
@@ -200,6 +211,47 @@ def evaluate_answers(model: GroundingModel, tokenizer, samples, checkpoint: str,
     if index == 0:
         _write_results(out_dir, rows, result)
     return result
+
+
+def video_swaps(samples) -> dict:
+    """The shuffled-video control's prompts, by sample id: the sample (its query and true windows) over the video of
+    another sample of the same length to the second, so the prompt is as long as the real one and only what the
+    video shows differs. Within each length, the distinct videos (in path order) pass each one to the next; a video
+    alone in its length has no swap. A model that answers from the query and the video's length alone (a "blind"
+    model: Yuan et al. 2021 show such priors score well on Charades-STA) answers the same over either video."""
+    by_length = collections.defaultdict(list)
+    for s in samples:
+        by_length[round(s.duration)].append(s)
+    swaps = {}
+    for group in by_length.values():
+        videos = sorted({s.video: s.duration for s in group}.items())
+        if len(videos) < 2:
+            continue
+        successor = {v: videos[(i + 1) % len(videos)] for i, (v, _) in enumerate(videos)}
+        for s in group:
+            video, duration = successor[s.video]
+            windows = tuple((min(a, duration), min(b, duration)) for a, b in s.windows)
+            swaps[s.id] = dataclasses.replace(s, video=video, duration=duration, windows=windows)
+    return swaps
+
+
+def shuffled_video_metrics(rows: list[dict]) -> dict:
+    """The shuffled-video control's figures from evaluation rows that carry one (`row["shuffled_video"]`): grounding
+    metrics of the answers given over the other video, scored against the true windows (IoU >= m), and
+    `answers_changed`, the share of those questions whose parsed window (or parse failure) differs from the answer over
+    the true video. A model that looks at the video changes most answers and scores near a constant window; one that
+    does not changes none and scores as it does over the true video. {} without such rows."""
+    swapped = [r for r in rows if "shuffled_video" in r]
+    if not swapped:
+        return {}
+    found = metrics.grounding_metrics(
+        [r["shuffled_video"]["pred_windows"] for r in swapped], [r["gt_windows"] for r in swapped], inclusive=True
+    )
+    changed = sum(r["shuffled_video"]["pred_windows"] != r["pred_windows"] for r in swapped)
+    return {f"shuffled_video_{k}": v for k, v in found.items()} | {
+        "shuffled_video_samples": len(swapped),
+        "answers_changed": 100.0 * changed / len(swapped),
+    }
 
 
 @dataclasses.dataclass

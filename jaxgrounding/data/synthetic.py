@@ -27,7 +27,7 @@ from jaxgrounding.data import synthetic_scenes as scenes
 from jaxgrounding.data.sample import Sample
 
 # Bump when rendering or text changes, so stale datasets on disk are regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 

@@ -98,11 +98,13 @@ class SceneConfig:
       the 2 x 2 visual tokens of a 56-px frame in Qwen2.5-VL (14-px patches merged 2 x 2), so
       each object sits in one token at rest; 3 matches 84-px frames the same way.
     event_kinds: the kinds events are drawn from (a subset of EVENT_KINDS).
-    clock: draw a clock on every frame, a bar along the bottom edge whose lit length is the
-      time in seconds over max_duration (a burned-in timecode, as on surveillance footage).
-      A pretrained video-LLM reads absolute time from its temporal position ids; a tiny model
-      trained from scratch for minutes cannot, so answers that *write* times (Time-R1's
-      "12.00 to 17.00") are learnable on the synthetic set only with the clock.
+    clock: burn a timecode into every frame (as on surveillance footage): the frame's whole
+      second in binary along the bottom edge (`TIMECODE_BITS` blocks, lit for a 1-bit, least
+      significant on the left; seconds wrap at 2 ** TIMECODE_BITS). A pretrained video-LLM reads
+      absolute time from its temporal position ids; a tiny model trained from scratch for
+      minutes cannot, so answers that *write* times (Time-R1's "12.00 to 17.00") are learnable
+      on the synthetic set only with the clock. Bits, unlike a bar whose length grows with
+      time, are read linearly: with the same warm start a model read them sooner.
     """
 
     min_duration: float = 20.0
@@ -159,7 +161,7 @@ class Scene:
     background: tuple[int, int, int]
     objects: tuple[SceneObject, ...]
     events: tuple[Event, ...]
-    clock_span: float = 0.0  # seconds a full clock bar stands for; 0: no clock (SceneConfig.clock)
+    clock: bool = False  # a burned-in timecode on every frame (SceneConfig.clock)
 
     @property
     def duration(self) -> float:
@@ -241,8 +243,7 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
             )
         )
     background = tuple(int(c) for c in rng.integers(20, 90, size=3))
-    clock_span = cfg.max_duration if cfg.clock else 0.0
-    return Scene(num_frames, cfg.fps, cfg.size, background, objects, tuple(events), clock_span)
+    return Scene(num_frames, cfg.fps, cfg.size, background, objects, tuple(events), cfg.clock)
 
 
 def _progress(t: float, event: Event) -> float:
@@ -326,19 +327,24 @@ def render(scene: Scene) -> np.ndarray:
             v = -s * (xs - x) + c * (ys - y)
             mask = _mask(obj.shape, u, v, r)[..., None]
             canvas = np.where(mask, (1 - alpha) * canvas + alpha * rgb, canvas)
-        if scene.clock_span:
-            _draw_clock(canvas, t / scene.clock_span)
+        if scene.clock:
+            _draw_timecode(canvas, int(t + _TIME_EPS))
         frames[k] = np.clip(canvas, 0, 255).astype(np.uint8)
     return frames
 
 
-def _draw_clock(canvas: np.ndarray, fraction: float) -> None:
-    """The bottom eighth of the frame: white up to `fraction` of the width, black after it."""
+TIMECODE_BITS = 8  # seconds 0-255 before the code wraps; the synthetic videos are at most a few minutes
+
+
+def _draw_timecode(canvas: np.ndarray, seconds: int) -> None:
+    """The bottom eighth of the frame: TIMECODE_BITS equal blocks, white for the 1-bits of `seconds` (least
+    significant first), black for the 0-bits. At 56 px the blocks are 7 px wide, so each 14-px patch holds two whole
+    bits."""
     size = canvas.shape[1]
     rows = slice(size - max(2, size // 8), size)
-    lit = int(round(min(max(fraction, 0.0), 1.0) * size))
-    canvas[rows, :lit] = 255.0
-    canvas[rows, lit:] = 0.0
+    for bit in range(TIMECODE_BITS):
+        cols = slice(bit * size // TIMECODE_BITS, (bit + 1) * size // TIMECODE_BITS)
+        canvas[rows, cols] = 255.0 if (seconds >> bit) & 1 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

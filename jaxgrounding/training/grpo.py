@@ -571,7 +571,7 @@ class WarmStartTransform:
     inversion_fraction: float
     inversion_tasks: tuple[str, ...]
     seed: int
-    time_pointers: bool = False  # grounding examples carry L_ST targets for their start and end numbers
+    time_pointers: bool = False  # grounding examples carry attention pointers for their start and end numbers
 
     def __call__(self, sample: Sample, video: video_lib.Video, epoch: int) -> dict[str, np.ndarray]:
         del epoch  # one task per sample for every epoch
@@ -613,10 +613,10 @@ def _number_offsets(response: str) -> tuple[int, int]:
 
 
 def _pointer_targets(example: dict, window) -> dict[str, np.ndarray]:
-    """Time pointers, the warm start's auxiliary L_ST: the state that writes the start number is grounded to the
-    temporal grid where the window starts (kind 1, as <ent>), the one that writes the end number to the grid where
-    it ends (kind 2, as <tst>), with MeCo's contrastive loss over time. A from-scratch model learns to write
-    numbers that follow the video far sooner with this dense signal than from the answer tokens alone."""
+    """Time pointers, the warm start's auxiliary loss (`objectives.pointer`): the state that writes the start number
+    should attend to the temporal grid where the window starts (kind 1), the one that writes the end number to the
+    grid where it ends (kind 2). A from-scratch model learns to write numbers that follow the video far sooner with
+    this signal than from the answer tokens alone (README, Invert4TVG)."""
     times = np.asarray(example["grid_times"], np.float64)
     first = int(np.clip(np.searchsorted(times, window[0], side="right") - 1, 0, len(times) - 1))
     last = int(np.clip(np.searchsorted(times, window[1], side="left") - 1, first, len(times) - 1))

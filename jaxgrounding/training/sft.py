@@ -28,6 +28,7 @@ from jaxgrounding.grounding_model import GroundingModel, batch_inputs, batch_pla
 from jaxgrounding.memory import streaming as streaming_lib
 from jaxgrounding.memory.hvr import HVRConfig
 from jaxgrounding.model.config import ModelConfig
+from jaxgrounding.objectives import pointer
 from jaxgrounding.objectives.lm import next_token_loss
 from jaxgrounding.objectives.structural import gather_states, pool_frame_states, structural_loss
 from jaxgrounding.training.trainer import register_objective
@@ -65,10 +66,40 @@ def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr
     return lm, tokens, token_states, out.frame_states, out.frame_valid
 
 
-def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, streamed=None, dropout_key=None):
+def _pointer_sft_loss(model: GroundingModel, batch: dict, plan: dict, weight: float, dropout_key=None):
+    """LM loss + weight * attention pointers (`objectives.pointer`): the batch's structural arrays are time pointers,
+    the state that writes each number (`struct_positions`) and the grid it names (`struct_ranges`)."""
+    inputs = batch_inputs(batch, model.llm.config, plan)
+    out = model.llm.forward(inputs, hidden_layers=(-2,), logits=False, dropout_key=dropout_key)
+    mask = inputs.attention_mask
+    lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
+    logprobs = pointer.last_layer_attention_logprobs(
+        model.llm, out.hidden_states[-2], inputs.positions, mask, batch["struct_positions"]
+    )
+    targets = pointer.grid_targets(jnp.where(mask, batch["frame_of_token"], -1), batch["struct_ranges"])
+    valid = batch["struct_kinds"] * batch["struct_kinds_mask"] * batch["valid"][:, None] > 0
+    ptr = pointer.pointer_loss(logprobs, targets, valid)
+    total = lm + weight * ptr
+    return total, {"loss": total, "lm_loss": lm, "pointer_loss": ptr, "tokens": tokens}
+
+
+def sft_loss(
+    model: GroundingModel,
+    batch: dict,
+    plan: dict,
+    st_weight: float,
+    streamed=None,
+    dropout_key=None,
+    time_pointers: bool = False,
+):
     """Returns (total loss, metrics dict) for one batch. `streamed`: None for one causal pass, or
     (BufferLayout, HVRConfig) for a streamed batch; `dropout_key`: LoRA input dropout (training).
-    A batch without structural tokens (free-text answers: Time-R1's format) has the LM loss alone."""
+    A batch without structural tokens (free-text answers: Time-R1's format) has the LM loss alone; with
+    `time_pointers` its structural arrays are time pointers, trained as attention pointers with weight `st_weight`."""
+    if time_pointers and "struct_kinds" in batch:
+        if streamed is not None:
+            raise ValueError("time pointers are trained on one causal pass, not a streamed batch")
+        return _pointer_sft_loss(model, batch, plan, st_weight, dropout_key)
     if "struct_kinds" not in batch:
         if streamed is not None:
             raise ValueError("streamed SFT needs structural-token batches")
@@ -101,8 +132,9 @@ def sft_loss(model: GroundingModel, batch: dict, plan: dict, st_weight: float, s
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    st_weight: float  # lambda: L_ST weight (MeCo: 1)
+    st_weight: float  # lambda: L_ST weight (MeCo: 1); the time pointers' weight with `time_pointers`
     streaming: streaming_lib.StreamingConfig | None  # TimeScope: stream the video into memory
+    time_pointers: bool = False  # answer SFT: structural arrays are time pointers (`objectives.pointer`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +143,10 @@ class SFTLoss:
 
     st_weight: float
     streamed: tuple[streaming_lib.BufferLayout, HVRConfig] | None = None
+    time_pointers: bool = False
 
     def __call__(self, model: GroundingModel, arrays: dict, plan: dict, key):
-        return sft_loss(model, arrays, plan, self.st_weight, self.streamed, key)
+        return sft_loss(model, arrays, plan, self.st_weight, self.streamed, key, self.time_pointers)
 
 
 class SFT:
@@ -141,7 +174,7 @@ class SFT:
         streaming = self.config.streaming
         if streaming is None:
             plan = batch_plan(arrays, self.model_config, self.frame_size, batch_size=micro_batch)
-            return plan, SFTLoss(self.config.st_weight)
+            return plan, SFTLoss(self.config.st_weight, time_pointers=self.config.time_pointers)
         if "segment_valid" not in arrays:
             raise ValueError(
                 "streamed SFT needs batches cut by the streamed transform (tasks.streamed: structural examples); "
@@ -163,5 +196,7 @@ def sft_objective(config, model_config: ModelConfig, checkpoint: str, samples) -
     sft = SFTConfig(
         st_weight=config.train.st_weight,
         streaming=streaming_lib.StreamingConfig.from_config(config) if config.memory == "streaming" else None,
+        # The supervised warm start of a GRPO config (`experiment.warm_start_config`) writes its times as text.
+        time_pointers=config.method == "answer_sft",
     )
     return SFT(sft, model_config, tuple(config.data.frame_size))

@@ -175,3 +175,17 @@ def test_query_phrasing_names_the_template_family_that_wrote_a_query():
         assert scenes.query_phrasing(scenes._TASK[kind].format(**fields)) == "task_oriented"
     assert scenes.query_phrasing("a person opens the door.") is None
     assert scenes.query_phrasing("when is the red square bigger? and more") is None
+
+
+def test_clock_burns_each_frames_second_in_binary():
+    cfg = scenes.SceneConfig(clock=True, min_duration=40.0, max_duration=40.0, size=56)
+    scene = scenes.sample_scene(np.random.default_rng(0), cfg)
+    frames = scenes.render(scene)
+    block = 56 // scenes.TIMECODE_BITS
+    strip = frames[:, -3, block // 2 :: block].mean(axis=-1)  # one pixel row through the middle of every block
+    assert set(np.unique(strip)) == {0.0, 255.0}
+    read = (strip > 127).astype(int) @ (1 << np.arange(scenes.TIMECODE_BITS))
+    assert read.tolist() == list(range(scene.num_frames))
+    # Without the clock the strip shows the scene.
+    plain = scenes.render(dataclasses.replace(scene, clock=False))
+    assert not np.array_equal(plain[:, -3], frames[:, -3])

@@ -37,11 +37,12 @@ def micro_config(data_root):
     config.data.root = str(data_root)
     config.data.synthetic_train_videos = 8
     config.data.synthetic_eval_videos = 2
-    config.data.scene = dict(config.data.scene) | {"min_duration": 8.0, "max_duration": 12.0, "max_events": 1}
+    # One length for every video: the two evaluation videos swap in the shuffled-video control.
+    config.data.scene = dict(config.data.scene) | {"min_duration": 10.0, "max_duration": 10.0, "max_events": 1}
     config.data.max_frames = 12
     config.model.tiny = {"hidden": 64, "layers": 2, "vision_depth": 1, "vision_hidden": 32}
     config.warm_start.steps = 3
-    config.warm_start.pointer_weight = 1.0  # the time pointers' path (off in the default)
+    config.warm_start.pointer_weight = 1.0  # the time pointers' path (the default's)
     config.train.batch_size = 2
     config.train.steps = 4
     config.train.log_every = 1
@@ -237,6 +238,9 @@ def test_warm_start_then_grpo_then_evaluation(uninterrupted):
         assert np.isfinite(m["loss"])
     rows = _jsonl(os.path.join(workdir, "eval", "predictions.jsonl"))
     assert rows and all("text" in r and "pred_windows" in r for r in rows)
+    # The shuffled-video control asked each question over the other evaluation video.
+    assert result["shuffled_video_samples"] == len(rows) == 2 and 0 <= result["answers_changed"] <= 100
+    assert rows[0]["shuffled_video"]["video"] != rows[1]["shuffled_video"]["video"]
 
 
 def test_two_processes_train_like_one(uninterrupted):
@@ -261,13 +265,13 @@ def test_two_processes_train_like_one(uninterrupted):
 
 
 def test_warm_start_trains_time_pointers(uninterrupted, tmp_path):
-    """The warm start's grounding examples ground the states that write the start and end numbers to the grids
-    where the window starts and ends (an auxiliary L_ST, logged as st_loss)."""
+    """The warm start's grounding examples point the last layer's attention from the states that write the start and
+    end numbers to the grids where the window starts and ends (objectives.pointer, logged as pointer_loss)."""
     import dataclasses
 
     root, workdir, _ = uninterrupted
     warm = [json.loads(line) for line in open(os.path.join(workdir, "warm_start", "train_metrics.jsonl"))]
-    assert warm and all(np.isfinite(m["st_loss"]) for m in warm)
+    assert warm and all(np.isfinite(m["pointer_loss"]) and m["pointer_loss"] > 0 for m in warm)
 
     config = experiment.warm_start_config(micro_config(root / "data"))
     train, _ = experiment.load_samples(config, str(tmp_path))
