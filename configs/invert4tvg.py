@@ -73,8 +73,8 @@ def get_config(arg=None):
     config.data.scene.max_events = 1
     config.data.scene.min_event_fraction = 0.2
     config.data.scene.max_event_fraction = 0.4
-    config.data.synthetic_train_videos = 400
-    config.data.synthetic_eval_videos = 60
+    config.data.synthetic_train_videos = 1000
+    config.data.synthetic_eval_videos = 150
 
     config.answer = ml_collections.ConfigDict()
     # "timestamps": Time-R1's "<answer> start to end </answer>"; "structural": MeCo's <ent>/<tst> answer, warm-started
@@ -84,7 +84,7 @@ def get_config(arg=None):
 
     # The supervised warm start in the answer format (a tiny model from scratch knows no format).
     config.warm_start = ml_collections.ConfigDict()
-    config.warm_start.steps = 4000
+    config.warm_start.steps = 3000
     config.warm_start.learning_rate = 1e-3
     config.warm_start.warmup_fraction = 0.03
     config.warm_start.inversion_fraction = 0.2  # share of warm-start examples that are inversion tasks
