@@ -42,13 +42,20 @@ def frame_targets(ranges_bk2: jax.Array, frame_valid_bf: jax.Array) -> jax.Array
     return inside / jnp.maximum(jnp.sum(inside, axis=-1, keepdims=True), 1.0)
 
 
+def _causal_pass(model: GroundingModel, batch: dict, plan: dict, hidden_layers=(), dropout_key=None):
+    """One causal pass over the whole prompt and response: (inputs, model output, LM loss, tokens)."""
+    inputs = batch_inputs(batch, model.llm.config, plan)
+    out = model.llm.forward(inputs, hidden_layers=hidden_layers, logits=False, dropout_key=dropout_key)
+    mask = inputs.attention_mask
+    lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
+    return inputs, out, lm, tokens
+
+
 def _full_states(model: GroundingModel, batch: dict, plan: dict, dropout_key=None):
     """One causal pass over the whole prompt: (LM loss, tokens, structural-token states, frame
     states, frame validity)."""
-    inputs = batch_inputs(batch, model.llm.config, plan)
-    out = model.llm.forward(inputs, hidden_layers=(-2, -1), logits=False, dropout_key=dropout_key)
+    inputs, out, lm, tokens = _causal_pass(model, batch, plan, (-2, -1), dropout_key)
     mask = inputs.attention_mask
-    lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
     frame_of_token = jnp.where(mask, batch["frame_of_token"], -1)
     frame_states, frame_valid = pool_frame_states(out.hidden_states[-1], frame_of_token, batch["grid_times"].shape[1])
     token_states = gather_states(out.hidden_states[-2], batch["struct_positions"])
@@ -69,10 +76,8 @@ def _streamed_states(model: GroundingModel, batch: dict, plan: dict, layout, hvr
 def _pointer_sft_loss(model: GroundingModel, batch: dict, plan: dict, weight: float, dropout_key=None):
     """LM loss + weight * attention pointers (`objectives.pointer`): the batch's structural arrays are time pointers,
     the state that writes each number (`struct_positions`) and the grid it names (`struct_ranges`)."""
-    inputs = batch_inputs(batch, model.llm.config, plan)
-    out = model.llm.forward(inputs, hidden_layers=(-2,), logits=False, dropout_key=dropout_key)
+    inputs, out, lm, tokens = _causal_pass(model, batch, plan, (-2,), dropout_key)
     mask = inputs.attention_mask
-    lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
     logprobs = pointer.last_layer_attention_logprobs(
         model.llm, out.hidden_states[-2], inputs.positions, mask, batch["struct_positions"]
     )
@@ -103,10 +108,7 @@ def sft_loss(
     if "struct_kinds" not in batch:
         if streamed is not None:
             raise ValueError("streamed SFT needs structural-token batches")
-        inputs = batch_inputs(batch, model.llm.config, plan)
-        out = model.llm.forward(inputs, logits=False, dropout_key=dropout_key)
-        mask = inputs.attention_mask
-        lm, tokens = next_token_loss(model.llm, out.last_hidden_state, inputs.input_ids, batch["loss_mask"] & mask)
+        _, _, lm, tokens = _causal_pass(model, batch, plan, dropout_key=dropout_key)
         return lm, {"loss": lm, "lm_loss": lm, "tokens": tokens}
     if streamed is None:
         lm, tokens, token_states, frame_states, frame_valid = _full_states(model, batch, plan, dropout_key)
